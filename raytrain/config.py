@@ -1,0 +1,271 @@
+"""raytrain's configuration: one typed, validated, frozen object, built once on the driver.
+
+Precedence, lowest to highest (this is the one place it is written down):
+
+1. the defaults in this file, which reproduce the tutorial;
+2. the YAML file given with ``--config``;
+3. ``--set section.field=value`` overrides, applied in the order given;
+4. the dedicated flags (``--workers``, ``--epochs``, ``--batch-size``, ``--lr``, ``--seed``,
+   ``--address``, ``--storage-path``, ``--name``).
+
+Every field's description is also its ``--help`` text and its documentation in
+``configs/default.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration a user got wrong: the message is one sentence, shown without a traceback."""
+
+
+class _Section(BaseModel):
+    # frozen: built once on the driver and only read after that; forbid: a misspelt key is an error.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class DataConfig(_Section):
+    """Where the training data comes from and how it is split."""
+
+    samples: int = Field(1000, ge=2, description="Rows of synthetic data (train + validation).")
+    features: int = Field(10, ge=1, description="Features per row.")
+    classes: int = Field(2, ge=2, description="Number of label classes.")
+    labels: Literal["rule", "random"] = Field(
+        "rule",
+        description="'rule': labels follow a hidden linear rule plus noise, so learning shows; "
+        "'random': torch.randint labels, exactly as in the tutorial (nothing to learn).",
+    )
+    label_noise: float = Field(
+        0.5, ge=0, description="Std of the Gaussian noise added to the hidden rule's logits."
+    )
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of rows held out for validation on the driver."
+    )
+    seed: int = Field(0, description="Seed for generating and splitting the synthetic data.")
+
+
+class ModelConfig(_Section):
+    """Which model to train."""
+
+    name: Literal["simple", "mlp"] = Field(
+        "simple", description="'simple': the tutorial's nn.Linear; 'mlp': Linear+ReLU layers."
+    )
+    hidden: tuple[int, ...] = Field(
+        (64,), description="Hidden layer sizes of the 'mlp' model (ignored by 'simple')."
+    )
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(h < 1 for h in v):
+            raise ValueError(f"hidden sizes must be >= 1, got {list(v)}")
+        return v
+
+
+class TrainConfig(_Section):
+    """The optimisation: the same numbers mean the same maths for any worker count."""
+
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(
+        32, ge=1, description="Global batch size, dealt out across all workers at every step."
+    )
+    lr: float = Field(0.01, gt=0, description="SGD learning rate, applied to the global batch.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (the tutorial uses none).")
+    shuffle: bool = Field(True, description="Reshuffle the training rows every epoch (seeded).")
+    seed: int = Field(0, description="Seed for the model's initial weights and the shuffle order.")
+    checkpoint_every: int = Field(
+        5, ge=0, description="Write a checkpoint every N epochs (0: only at the end, always then)."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+
+
+class ScalingConfig(_Section):
+    """How many workers, and what each one gets."""
+
+    workers: int = Field(2, ge=1, description="Number of Ray Train workers (processes).")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per worker; torch uses that many threads. Unset: 1, or a fair "
+        "share of the cores when an embedded Ray has fewer cores than workers.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places workers on nodes."
+    )
+
+
+class RunConfig(_Section):
+    """Where the run happens and where its results go."""
+
+    name: str | None = Field(
+        None, description="Run name (a directory under storage_path). Unset: a fresh timestamped name."
+    )
+    storage_path: str = Field("runs", description="Directory that holds one directory per run.")
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'host:port'). Unset: RAY_ADDRESS, else an "
+        "embedded Ray on this machine.",
+    )
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group failures Ray Train recovers from before giving up."
+    )
+    verbose: bool = Field(False, description="Show Ray's own logs and worker output.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v in (".", "..")):
+            raise ValueError(f"must be a plain directory name without '/', got {v!r}")
+        return v
+
+
+class Config(_Section):
+    """The whole configuration of one run."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        workers = self.scaling.workers
+        if self.train.batch_size < workers:
+            raise ValueError(
+                f"train.batch_size = {self.train.batch_size} is smaller than scaling.workers = "
+                f"{workers}: every worker needs at least one row per step; use a batch size of "
+                f"at least {workers}"
+            )
+        n_val = math.ceil(self.data.samples * self.data.val_fraction)
+        if self.data.samples - n_val < 1:
+            raise ValueError(
+                f"data.samples = {self.data.samples} with data.val_fraction = "
+                f"{self.data.val_fraction} leaves no training rows"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-ready dict (what checkpoints and results files store)."""
+        return self.model_dump(mode="json")
+
+
+# Flags that set one field each: flag dest -> dotted field. The flags win over everything else.
+FLAG_FIELDS = {
+    "workers": "scaling.workers",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "address": "run.address",
+    "storage_path": "run.storage_path",
+    "name": "run.name",
+    "verbose": "run.verbose",
+}
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Build the Config: defaults < file < ``overrides`` ("a.b=value") < ``flags`` (dotted keys)."""
+    raw: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not of the form section.field=value")
+        _put(raw, key.strip(), _parse_value(value))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _put(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, raw)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of sections "
+            f"({', '.join(Config.model_fields)}), not a {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """Read an override's value the way YAML would: 0.1 -> float, [64, 64] -> list, x -> 'x'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _put(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, field = dotted.partition(".")
+    if not field:
+        raise ConfigError(
+            f"--set key {dotted!r} needs a section and a field, e.g. train.lr "
+            f"(sections: {', '.join(Config.model_fields)})"
+        )
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {target!r}")
+    target[field] = value
+
+
+def _one_line(error: ValidationError, raw: dict[str, Any]) -> str:
+    """Turn pydantic's report into one sentence about the first problem."""
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        section, _, field = loc.rpartition(".")
+        model = _section_model(section)
+        if model is None:
+            return f"unknown config key {loc!r}"
+        known = ", ".join(model.model_fields)
+        where = f"section {section!r}" if section else "the top level"
+        return f"unknown config key {loc!r}: {where} has {known}"
+    if kind == "value_error" and not loc:
+        return first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    message = first["msg"].removeprefix("Value error, ")
+    if kind == "model_type" or kind == "dict_type":
+        return f"config section {loc!r} must be a mapping of fields, got {value!r}"
+    return f"invalid value for {loc}: {value!r} ({message[0].lower() + message[1:]})"
+
+
+def _section_model(section: str) -> type[BaseModel] | None:
+    if not section:
+        return Config
+    field = Config.model_fields.get(section)
+    return field.annotation if field is not None else None  # type: ignore[return-value]
+
+
+def field_help(dotted: str) -> str:
+    """The description of a field, for --help."""
+    section, _, field = dotted.partition(".")
+    model = _section_model(section)
+    return model.model_fields[field].description or ""

@@ -1,0 +1,172 @@
+"""The training loop that runs on every Ray Train worker.
+
+The data-parallel rule (the same numbers mean the same maths for any worker count):
+
+- every epoch has one global order of the training rows: a permutation seeded by
+  ``(train.seed, epoch)``, or the stored order when ``train.shuffle`` is off;
+- step ``j`` trains on the global batch ``order[j*B:(j+1)*B]`` (``B`` = ``train.batch_size``);
+  the last batch of an epoch may be smaller, and no row is dropped;
+- worker ``r`` of ``W`` takes rows ``r, r+W, r+2W, ...`` of each global batch, so the workers'
+  parts are disjoint and together make up the batch (as torch's DistributedSampler deals rows);
+- each worker scales its summed loss by ``W / len(global batch)``; DDP averages gradients over
+  the ``W`` workers, so every step applies the gradient of the mean loss over the global batch,
+  exactly what one process would compute, and the learning rate applies to the global batch.
+
+This module knows nothing of the command line, the console or where it runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raytrain import checkpoint
+from raytrain.config import Config
+from raytrain.data import read_tensors
+from raytrain.model import build_model
+
+# Rows read per batch when a worker copies the training split into memory once.
+_READ_BATCH = 65536
+
+
+@dataclass(frozen=True)
+class LoopArgs:
+    """What the driver hands every worker: the config plus facts it measured."""
+
+    config: Config
+    threads: int
+    features: int
+    classes: int
+
+
+def epoch_order(rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The global order of the training rows in ``epoch`` (0-based); the same on every worker."""
+    if not shuffle:
+        return torch.arange(rows)
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(epoch_seed))
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """One epoch of this worker's part of every global batch; returns its own loss/correct/rows."""
+    model.train()
+    loss_sum = correct = seen = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        mine = batch[rank::world]
+        xb, yb = x[mine], y[mine]
+        logits = model(xb)
+        summed = F.cross_entropy(logits, yb, reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        # DDP divides by world; this makes the step's gradient the mean over the global batch.
+        (summed * (world / len(batch))).backward()
+        optimizer.step()
+        loss_sum += summed.item()
+        correct += (logits.argmax(dim=1) == yb).sum().item()
+        seen += len(mine)
+    return {"loss_sum": loss_sum, "correct": correct, "rows": seen}
+
+
+def _global_totals(local: dict[str, float], seconds: float, world: int) -> dict[str, float]:
+    """Sum the workers' counts (and take the slowest epoch time) over all ranks."""
+    sums = torch.tensor([local["loss_sum"], local["correct"], local["rows"]], dtype=torch.float64)
+    slowest = torch.tensor([seconds], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    loss_sum, correct, rows = sums.tolist()
+    return {
+        "loss": loss_sum / rows,
+        "accuracy": correct / rows,
+        "rows": int(rows),
+        "epoch_time_s": slowest.item(),
+        "samples_per_s": rows / slowest.item(),
+    }
+
+
+def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
+    """Ray Train's per-worker entry point (``loop_config = {"args": LoopArgs}``): resume if there
+    is a checkpoint, train, report every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    args = loop_config["args"]
+    cfg = args.config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(args.threads)
+    node_id = ray.get_runtime_context().get_node_id()
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, args.features, args.classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+    start_epoch = 0
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as directory:
+            state = checkpoint.load(directory)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = state["epoch"]
+    # Wraps in DDP (gloo on CPU) only when world > 1; DDP also broadcasts rank 0's weights.
+    model = ray.train.torch.prepare_model(model)
+
+    # The training split is small enough to hold: copy it into tensors once, instead of paying
+    # a Ray Data pipeline start-up every epoch.
+    shard = ray.train.get_dataset_shard("train")
+    x, y = read_tensors(shard.iter_torch_batches(batch_size=_READ_BATCH))
+
+    config_dict = cfg.to_dict()
+    every = cfg.train.checkpoint_every
+    for epoch in range(start_epoch, cfg.train.epochs):
+        started = time.perf_counter()
+        order = epoch_order(len(y), cfg.train.seed, epoch, cfg.train.shuffle)
+        local = train_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
+        seconds = time.perf_counter() - started
+        totals = _global_totals(local, seconds, world)
+        done = epoch + 1
+        metrics: dict[str, Any] = {
+            "epoch": done,
+            **totals,
+            "worker": {
+                "rank": rank,
+                "node_id": node_id,
+                "loss": local["loss_sum"] / max(local["rows"], 1),
+                "accuracy": local["correct"] / max(local["rows"], 1),
+                "rows": int(local["rows"]),
+                "epoch_time_s": seconds,
+                "samples_per_s": local["rows"] / seconds,
+            },
+        }
+        wants_checkpoint = done == cfg.train.epochs or (every > 0 and done % every == 0)
+        if wants_checkpoint and rank == 0:
+            with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as tmp:
+                checkpoint.save(
+                    tmp,
+                    model=model,
+                    optimizer=optimizer,
+                    epoch=done,
+                    config=config_dict,
+                    metrics=totals,
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            # Every rank reports the same number of times: report() is a barrier.
+            ray.train.report(metrics, checkpoint=None)

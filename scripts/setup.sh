@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Creates ./.venv with everything raytrain needs, once. Sourced by scripts/run and scripts/test;
+# the second time it costs one file comparison.
+#
+# torch is installed first and pinned to a CPU build: a bare `torch` requirement on a machine
+# without torch pulls a multi-GB CUDA build. Outside this machine, point pip at PyTorch's CPU
+# wheel index with RAYTRAIN_TORCH_INDEX (see README).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${RAYTRAIN_VENV:-$root/.venv}"
+torch_spec="${RAYTRAIN_TORCH:-torch==2.13.0}"
+stamp="$venv/.raytrain-setup"
+want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -c1-16) $torch_spec"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0 2>/dev/null || exit 0
+fi
+
+log="$venv/setup.log"
+echo "raytrain: setting up $venv (first run only; about two minutes)" >&2
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+: > "$log"
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@" >>"$log" 2>&1; }
+fail() { echo "raytrain: set-up failed: $1; the last lines of $log:" >&2; tail -n 15 "$log" >&2; exit 1; }
+
+if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+    if [ -n "${RAYTRAIN_TORCH_INDEX:-}" ]; then
+        pip install "$torch_spec" --index-url "$RAYTRAIN_TORCH_INDEX" || fail "could not install $torch_spec"
+    else
+        pip install "$torch_spec" || fail "could not install $torch_spec"
+    fi
+fi
+pip install -e "$root[test]" || fail "could not install raytrain and its dependencies"
+echo "$want" > "$stamp"
+echo "raytrain: set-up done" >&2
