@@ -37,7 +37,7 @@ def save(
     config: dict[str, Any],
     metrics: dict[str, Any],
 ) -> Path:
-    """Write the state after ``epoch`` epochs (1-based count of finished epochs) to ``directory``."""
+    """Write the state after ``epoch`` finished epochs to ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {

@@ -58,7 +58,7 @@ def plan_embedded(cfg: Config, cores: int) -> Plan:
         if workers * asked > cores:
             note = (
                 f"{workers} workers x {asked:g} CPUs exceed this machine's {cores} cores: "
-                f"embedded Ray offers {math.ceil(workers * asked)} logical CPUs, so workers share cores"
+                f"embedded Ray offers {math.ceil(workers * asked)} logical CPUs (shared cores)"
             )
     return Plan(workers, cpus, _threads(cpus), embedded=True, address=None, note=note)
 
@@ -96,6 +96,26 @@ def _quiet_environment(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
+    """ray.init, quiet unless ``verbose``: ``address=None`` starts a private embedded instance."""
+    import ray
+    from ray.data import DataContext
+
+    _quiet_environment(verbose)
+    common = {
+        "logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+        "log_to_driver": verbose,
+    }
+    if address:
+        ray.init(address=address, **common)
+    else:
+        # address="local" always starts a private instance, never joins another one on this host.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+    data_ctx = DataContext.get_current()
+    data_ctx.enable_progress_bars = verbose
+    data_ctx.print_on_execution_start = verbose
+
+
 @contextmanager
 def connect(cfg: Config) -> Iterator[Plan]:
     """Join the cluster at ``run.address`` / RAY_ADDRESS, or start an embedded Ray; yield the Plan.
@@ -103,19 +123,11 @@ def connect(cfg: Config) -> Iterator[Plan]:
     Ray is shut down on the way out, whatever happens inside.
     """
     import ray
-    from ray.data import DataContext
 
-    verbose = cfg.run.verbose
-    _quiet_environment(verbose)
     address = cfg.run.address or os.environ.get("RAY_ADDRESS") or None
-    common = {
-        "logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
-        "log_to_driver": verbose,
-        "configure_logging": True,
-    }
     if address:
         try:
-            ray.init(address=address, **common)
+            init_ray(address, None, cfg.run.verbose)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
         try:
@@ -126,16 +138,7 @@ def connect(cfg: Config) -> Iterator[Plan]:
     else:
         cores = os.cpu_count() or 1
         plan = plan_embedded(cfg, cores)
-        # address="local" always starts a private instance, never joins another one on this host.
-        ray.init(
-            address="local",
-            num_cpus=max(cores, math.ceil(plan.cpus)),
-            include_dashboard=False,
-            **common,
-        )
-    data_ctx = DataContext.get_current()
-    data_ctx.enable_progress_bars = verbose
-    data_ctx.print_on_execution_start = verbose
+        init_ray(None, max(cores, math.ceil(plan.cpus)), cfg.run.verbose)
     try:
         yield plan
     finally:

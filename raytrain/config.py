@@ -105,11 +105,13 @@ class RunConfig(_Section):
     """Where the run happens and where its results go."""
 
     name: str | None = Field(
-        None, description="Run name (a directory under storage_path). Unset: a fresh timestamped name."
+        None,
+        description="Run name (a directory under storage_path). Unset: a fresh timestamped name.",
     )
     storage_path: str = Field("runs", description="Directory that holds one directory per run.")
     address: str | None = Field(
-        None, description="Ray cluster to join ('auto', 'host:port'). Unset: RAY_ADDRESS, else an "
+        None,
+        description="Ray cluster to join ('auto', 'host:port'). Unset: RAY_ADDRESS, else an "
         "embedded Ray on this machine.",
     )
     max_failures: int = Field(

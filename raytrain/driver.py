@@ -77,9 +77,7 @@ def build_trainer(cfg: Config, plan: Plan, datasets: Datasets, run_dir: Path) ->
         run_config=ray.train.RunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.checkpoints_to_keep
-            ),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(
                 max_failures=cfg.run.max_failures,
                 # The controller's own retries are unlimited by default: a request that can

@@ -41,8 +41,8 @@ def evaluate(
         "rows": rows,
         "accuracy": hits.sum().item() / rows,
         "loss": loss_sum / rows,
-        "precision": [_ratio(h, p) for h, p in zip(hits.tolist(), predicted.tolist())],
-        "recall": [_ratio(h, a) for h, a in zip(hits.tolist(), actual.tolist())],
+        "precision": [_ratio(h, p) for h, p in zip(hits.tolist(), predicted.tolist(), strict=True)],
+        "recall": [_ratio(h, a) for h, a in zip(hits.tolist(), actual.tolist(), strict=True)],
         "confusion": confusion.tolist(),
     }
 

@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 training failed, 2 bad input or unusable cluster, 130 inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -129,10 +130,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _discard_if_empty(run_dir) -> None:
-    try:
+    with contextlib.suppress(OSError):
         run_dir.rmdir()
-    except OSError:
-        pass
 
 
 def cli() -> None:

@@ -25,7 +25,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = (features, *hidden)
         layers: list[nn.Module] = []
-        for n_in, n_out in zip(sizes, sizes[1:]):
+        for n_in, n_out in zip(sizes, sizes[1:], strict=False):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], classes))
         self.net = nn.Sequential(*layers)

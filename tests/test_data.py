@@ -1,0 +1,69 @@
+"""Synthetic data: shapes, split sizes, determinism, the tutorial's draws, the Arrow form."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from raytrain.config import DataConfig
+from raytrain.data import make_synthetic, read_tensors, to_arrow
+
+
+def test_shapes_and_split_sizes():
+    split = make_synthetic(DataConfig())
+    assert split.train_x.shape == (800, 10) and split.train_y.shape == (800,)
+    assert split.val_x.shape == (200, 10) and split.val_y.shape == (200,)
+    assert split.train_x.dtype == torch.float32 and split.train_y.dtype == torch.int64
+    odd = make_synthetic(DataConfig(samples=101, features=7, classes=3, val_fraction=0.25))
+    assert (len(odd.train_y), len(odd.val_y)) == (75, 26)
+    assert set(odd.train_y.tolist()) == {0, 1, 2}
+
+
+def test_train_and_val_are_disjoint_and_cover_the_data():
+    split = make_synthetic(DataConfig(samples=300))
+    rows = torch.cat([split.train_x, split.val_x])
+    assert len(torch.unique(rows, dim=0)) == 300
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a, b = make_synthetic(DataConfig(seed=3)), make_synthetic(DataConfig(seed=3))
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.val_y, b.val_y)
+    c = make_synthetic(DataConfig(seed=4))
+    assert not torch.equal(a.train_x, c.train_x)
+
+
+def test_random_labels_are_the_tutorials_draws():
+    torch.manual_seed(0)
+    x, y = torch.randn(1000, 10), torch.randint(0, 2, (1000,))
+    split = make_synthetic(DataConfig(labels="random", seed=0))
+    got_x = torch.cat([split.train_x, split.val_x])
+    got_y = torch.cat([split.train_y, split.val_y])
+    # Same rows and labels as the tutorial's global-RNG draws, only split into two parts.
+    order = torch.argsort(got_x[:, 0])
+    ref = torch.argsort(x[:, 0])
+    assert torch.equal(got_x[order], x[ref]) and torch.equal(got_y[order], y[ref])
+
+
+def test_rule_labels_are_learnable_and_balanced():
+    split = make_synthetic(DataConfig())
+    share = split.train_y.float().mean().item()
+    assert 0.3 < share < 0.7
+    # The best linear fit (least squares) gets well above chance: there is something to learn.
+    x1 = torch.cat([split.train_x, torch.ones(len(split.train_x), 1)], dim=1)
+    w = torch.linalg.lstsq(x1, split.train_y.float().unsqueeze(1) * 2 - 1).solution
+    assert ((x1 @ w).squeeze(1) > 0).long().eq(split.train_y).float().mean() > 0.85
+
+
+def test_arrow_table_round_trip():
+    split = make_synthetic(DataConfig(samples=50))
+    table = to_arrow(split.train_x, split.train_y)
+    assert table.schema.field("x").type == pa.list_(pa.float32(), 10)
+    assert table.schema.field("y").type == pa.int64()
+    batches = [
+        {
+            "x": torch.tensor(table["x"].combine_chunks().flatten().to_numpy()).view(-1, 10),
+            "y": torch.tensor(table["y"].to_numpy()),
+        }
+    ]
+    x, y = read_tensors(batches)
+    assert torch.equal(x, split.train_x) and torch.equal(y, split.train_y)
