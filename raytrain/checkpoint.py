@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytrain.errors import UserError
 from raytrain.model import unwrap
 
 STATE_FILE = "state.pt"
@@ -24,7 +25,7 @@ META_FILE = "meta.json"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, truncated or tampered with (one sentence, names the path)."""
 
 

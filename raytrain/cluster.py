@@ -15,13 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from raytrain.config import Config
+from raytrain.errors import UserError
 
 # How often Ray Train's controller polls the workers. Each ray.train.report() after the first waits
 # for one poll, so the default 2 s would cost up to 2 s per epoch.
 _POLL_INTERVAL_S = "0.1"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError):
     """The cluster cannot be reached or cannot hold the request (one sentence)."""
 
 

@@ -21,8 +21,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raytrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration a user got wrong: the message is one sentence, shown without a traceback."""
 
 
@@ -176,9 +178,15 @@ def load(
     path: str | Path | None = None,
     overrides: list[str] = (),
     flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> Config:
-    """Build the Config: defaults < file < ``overrides`` ("a.b=value") < ``flags`` (dotted keys)."""
+    """Build the Config: defaults < file < ``overrides`` ("a.b=value") < ``flags`` (dotted keys).
+
+    ``base`` (a saved ``Config.to_dict()``, when resuming a run) takes the place of the file.
+    """
     raw: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    for section, fields in (base or {}).items():
+        raw[section] = dict(fields)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

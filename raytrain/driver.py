@@ -3,8 +3,7 @@ on the driver, on rows no worker trained on."""
 
 from __future__ import annotations
 
-import os
-import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytrain import checkpoint
 from raytrain.cluster import Plan
-from raytrain.config import Config, ConfigError
+from raytrain.config import Config
 from raytrain.data import Datasets, build_datasets
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
@@ -24,45 +23,24 @@ from raytrain.worker import LoopArgs, train_loop_per_worker
 _VAL_BATCH = 4096
 
 
-def new_run_name() -> str:
-    """A fresh, sortable run name: run-YYYYmmdd-HHMMSS-xxxx."""
-    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+def build_trainer(
+    cfg: Config,
+    plan: Plan,
+    datasets: Datasets,
+    run_dir: Path,
+    fail_at: tuple[int, int] | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for this run: CPU-only workers, DDP over gloo, results under run_dir.
 
-
-def claim_run_dir(cfg: Config) -> Path:
-    """Create the run's directory under the storage path; ConfigError if that cannot be done.
-
-    An existing run is never reused silently: a name that exists already is an error.
+    Running it again with the same run_dir resumes from the run's latest checkpoint.
     """
-    storage = Path(cfg.run.storage_path).expanduser().resolve()
-    name = cfg.run.name or new_run_name()
-    try:
-        storage.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"run.storage_path {str(storage)!r} cannot be created ({e.strerror}); "
-            "choose a writable directory with --storage-path"
-        ) from None
-    if not storage.is_dir() or not os.access(storage, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"run.storage_path {str(storage)!r} is not a writable directory; "
-            "choose a writable directory with --storage-path"
-        )
-    run_dir = storage / name
-    try:
-        run_dir.mkdir()
-    except FileExistsError:
-        raise ConfigError(
-            f"run {name!r} already exists in {str(storage)!r}; choose another --name "
-            "(or leave it out for a fresh one)"
-        ) from None
-    return run_dir
-
-
-def build_trainer(cfg: Config, plan: Plan, datasets: Datasets, run_dir: Path) -> TorchTrainer:
-    """The TorchTrainer for this run: CPU-only workers, DDP over gloo, results under run_dir."""
     args = LoopArgs(
-        config=cfg, threads=plan.threads, features=datasets.features, classes=datasets.classes
+        config=cfg,
+        threads=plan.threads,
+        features=datasets.features,
+        classes=datasets.classes,
+        run_dir=str(run_dir),
+        fail_at=fail_at,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -94,13 +72,39 @@ def build_trainer(cfg: Config, plan: Plan, datasets: Datasets, run_dir: Path) ->
     )
 
 
-def run(cfg: Config, plan: Plan, run_dir: Path, console: Console) -> dict[str, Any]:
-    """Train, validate on the driver, write results.json; returns the results."""
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """trainer.fit() in a helper thread, so that Ctrl-C and SIGTERM reach raytrain's main thread
+    (Ray installs a SIGINT handler of its own when fit() runs on the main thread)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed over to the main thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="raytrain-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def run(
+    cfg: Config,
+    plan: Plan,
+    run_dir: Path,
+    console: Console,
+    fail_at: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Train (or continue training), validate on the driver, write results.json."""
     started = time.perf_counter()
     datasets = build_datasets(cfg.data)
-    trainer = build_trainer(cfg, plan, datasets, run_dir)
+    trainer = build_trainer(cfg, plan, datasets, run_dir, fail_at)
     with Follower(run_dir, lambda row: console.epoch(row, cfg.train.epochs)):
-        result = trainer.fit()
+        result = fit(trainer)
     trained = time.perf_counter()
 
     with result.checkpoint.as_directory() as directory:

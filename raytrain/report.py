@@ -44,21 +44,30 @@ class MetricsLog(UserCallback):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl (empty if it has none yet)."""
+    """The rows of a run's metrics.jsonl, one per epoch (empty if it has none yet).
+
+    An epoch trained again after a restart appears twice in the file; the later line wins.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_epoch[row["epoch"]] = row
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 class Follower:
-    """Calls ``on_row`` for every new line of metrics.jsonl, from a background thread."""
+    """Calls ``on_row`` for every line added to metrics.jsonl, from a background thread."""
 
     def __init__(self, run_dir: str | Path, on_row: Callable[[dict[str, Any]], None]):
         self.path = Path(run_dir) / METRICS_FILE
         self.on_row = on_row
         self._stop = threading.Event()
-        self._offset = 0
+        # A resumed run's earlier epochs are history, not progress.
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
         self._thread = threading.Thread(target=self._loop, name="raytrain-follow", daemon=True)
 
     def __enter__(self) -> Follower:

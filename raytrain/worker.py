@@ -17,9 +17,13 @@ This module knows nothing of the command line, the console or where it runs.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +48,10 @@ class LoopArgs:
     threads: int
     features: int
     classes: int
+    run_dir: str
+    # (rank, epoch): that rank kills itself with SIGKILL when it starts that epoch (1-based),
+    # once per run. For rehearsing recovery; see RAYTRAIN_FAIL_AT in the README.
+    fail_at: tuple[int, int] | None = None
 
 
 def epoch_order(rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -81,6 +89,18 @@ def train_epoch(
         correct += (logits.argmax(dim=1) == yb).sum().item()
         seen += len(mine)
     return {"loss_sum": loss_sum, "correct": correct, "rows": seen}
+
+
+def _die_once(rank: int, epoch: int, run_dir: str) -> None:
+    """SIGKILL this worker process, unless this fault was injected before in this run."""
+    marker = Path(run_dir) / f".fault-injected-rank{rank}-epoch{epoch}"
+    if marker.exists():
+        return
+    # Die a moment into the epoch, as a real failure would, after Ray Train has collected the
+    # previous epoch's report (a report still queued in a dead process is lost with it).
+    time.sleep(1.0)
+    marker.write_text(json.dumps({"rank": rank, "epoch": epoch, "killed_at": time.time()}))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _global_totals(local: dict[str, float], seconds: float, world: int) -> dict[str, float]:
@@ -136,6 +156,9 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     config_dict = cfg.to_dict()
     every = cfg.train.checkpoint_every
     for epoch in range(start_epoch, cfg.train.epochs):
+        if args.fail_at == (rank, epoch + 1):
+            _die_once(rank, epoch + 1, args.run_dir)
+        started_at = time.time()
         started = time.perf_counter()
         order = epoch_order(len(y), cfg.train.seed, epoch, cfg.train.shuffle)
         local = train_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
@@ -148,6 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
             "worker": {
                 "rank": rank,
                 "node_id": node_id,
+                "started_at": started_at,
                 "loss": local["loss_sum"] / max(local["rows"], 1),
                 "accuracy": local["correct"] / max(local["rows"], 1),
                 "rows": int(local["rows"]),

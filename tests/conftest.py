@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from raytrain import checkpoint, cluster, config, driver
+from raytrain import checkpoint, cluster, config, driver, runs
 from raytrain.report import Console, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +41,14 @@ class Trained:
 def train(ray_session, tmp_path_factory):
     """train(*overrides) runs raytrain in-process on the session's Ray, with --set overrides."""
 
-    def run(*overrides: str, cores: int = 2) -> Trained:
+    def run(*overrides: str, cores: int = 2, fail_at: tuple[int, int] | None = None) -> Trained:
         storage = tmp_path_factory.mktemp("runs")
         cfg = config.load(overrides=list(overrides), flags={"run.storage_path": str(storage)})
         plan = cluster.plan_embedded(cfg, cores)
-        run_dir = driver.claim_run_dir(cfg)
+        run_dir = runs.claim(cfg)
+        runs.save_config(run_dir, cfg)
         out = io.StringIO()
-        results = driver.run(cfg, plan, run_dir, Console(out))
+        results = driver.run(cfg, plan, run_dir, Console(out), fail_at)
         return Trained(cfg, results, out.getvalue())
 
     return run

@@ -1,0 +1,222 @@
+"""Failures and resumption: a worker killed with SIGKILL, an interrupted driver resumed with
+--resume, checkpoints that are missing, truncated, tampered with or malicious, and a run that gives
+up cleanly. Every training here is real; every kill is a real signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytrain import checkpoint, runs
+from raytrain.checkpoint import CheckpointError
+from raytrain.main import EXIT_USAGE, main
+
+from .conftest import ROOT
+
+SMALL = ("scaling.workers=2", "train.epochs=4", "train.checkpoint_every=1")
+# Large enough that an epoch takes a noticeable moment, so a signal lands mid-run.
+SLOWER = ("--set", "data.samples=20000", "--set", "train.checkpoint_every=1", "--workers", "2")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "raytrain.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=environment,
+    )
+
+
+def wait_for_epochs(run_dir: Path, count: int, proc: subprocess.Popen, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{count} epochs not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(train):
+    return train(*SMALL)
+
+
+def test_killed_worker_is_replaced_and_the_run_finishes_identically(train, uninterrupted):
+    recovered = train(*SMALL, fail_at=(1, 3))
+    marker = recovered.run_dir / ".fault-injected-rank1-epoch3"
+    assert marker.exists(), "the fault was not injected"
+    assert [row["epoch"] for row in recovered.metrics] == [1, 2, 3, 4]
+    assert recovered.state["epoch"] == 4
+    assert same_weights(recovered.state["model"], uninterrupted.state["model"])
+    killed_at = json.loads(marker.read_text())["killed_at"]
+    resumed_at = min(w["started_at"] for w in recovered.metrics[2]["workers"])
+    print(f"recovery from a killed worker: {resumed_at - killed_at:.1f} s from kill to training")
+    assert resumed_at > killed_at
+
+
+def test_interrupted_driver_resumes_to_the_same_weights(train, tmp_path):
+    proc = start_cli(*SLOWER, "--epochs", "6", "--storage-path", str(tmp_path), "--name", "r1")
+    wait_for_epochs(tmp_path / "r1", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 15, "Ctrl-C took too long"
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    resume = f"python -m raytrain.main --resume r1 --storage-path {tmp_path}"
+    assert resume in out, out
+    assert runs.latest_checkpoint(tmp_path / "r1") is not None
+
+    proc = start_cli("--resume", "r1", "--storage-path", str(tmp_path))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "(resumed)" in out and "epoch 6/6" in out
+    results = json.loads((tmp_path / "r1" / "results.json").read_text())
+    resumed = checkpoint.load(results["checkpoint"])
+    assert resumed["epoch"] == 6
+
+    reference = train("data.samples=20000", "train.checkpoint_every=1", "train.epochs=6")
+    assert same_weights(resumed["model"], reference.state["model"])
+
+
+def test_sigterm_stops_the_run_and_keeps_its_checkpoints(tmp_path):
+    proc = start_cli(*SLOWER, "--epochs", "50", "--storage-path", str(tmp_path), "--name", "t1")
+    wait_for_epochs(tmp_path / "t1", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert proc.returncode == 130 and "--resume t1" in out, out
+    latest = runs.latest_checkpoint(tmp_path / "t1")
+    assert latest is not None and checkpoint.load(latest)["epoch"] >= 1
+
+
+def test_giving_up_names_the_worker_the_epoch_and_the_last_checkpoint(tmp_path):
+    proc = start_cli(
+        "--workers", "2", "--epochs", "3", "--set", "train.checkpoint_every=1",
+        "--set", "run.max_failures=0", "--storage-path", str(tmp_path), "--name", "g1",
+        env={"RAYTRAIN_FAIL_AT": "1:2"},
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    (report,) = [line for line in out.splitlines() if "training failed" in line]
+    assert "epoch 2" in report and "worker rank 1" in report
+    latest = runs.latest_checkpoint(tmp_path / "g1")
+    assert str(latest) in report and "--resume g1" in report
+
+
+def test_bad_fault_injection_spec_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYTRAIN_FAIL_AT", "rank1")
+    assert main(["--storage-path", str(tmp_path)]) == EXIT_USAGE
+    assert "RAYTRAIN_FAIL_AT='rank1'" in capsys.readouterr().err
+
+
+# ---- bad checkpoints: each is refused with one line naming the path, exit code 2 ----------------
+
+
+class Payload:
+    """Unpickling this runs a shell command: a checkpoint must never execute it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rehash(ckpt: Path) -> None:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["sha256"] = checkpoint._sha256(ckpt / "state.pt")
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def _truncate(ckpt: Path) -> None:
+    data = (ckpt / "state.pt").read_bytes()
+    (ckpt / "state.pt").write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_byte(ckpt: Path) -> None:
+    data = bytearray((ckpt / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (ckpt / "state.pt").write_bytes(bytes(data))
+
+
+def _malicious(ckpt: Path) -> None:
+    # A pickle that runs code, with its checksum updated as a careful attacker would.
+    with open(ckpt / "state.pt", "wb") as f:
+        pickle.dump({"model": Payload(ckpt.parent / "PWNED")}, f)
+    _rehash(ckpt)
+
+
+def _malicious_torch_file(ckpt: Path) -> None:
+    torch.save({"model": Payload(ckpt.parent / "PWNED")}, ckpt / "state.pt")
+    _rehash(ckpt)
+
+
+CASES = {
+    "missing state": lambda c: (c / "state.pt").unlink(),
+    "missing meta": lambda c: (c / "meta.json").unlink(),
+    "missing directory": shutil.rmtree,
+    "truncated": _truncate,
+    "tampered": _flip_a_byte,
+    "malicious pickle": _malicious,
+    "malicious torch file": _malicious_torch_file,
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(train):
+    return train("scaling.workers=2", "train.epochs=2", "train.checkpoint_every=1")
+
+
+@pytest.mark.parametrize("damage", CASES.values(), ids=CASES.keys())
+def test_bad_checkpoint_is_refused_with_the_path(damage, finished_run, tmp_path, capsys):
+    run_dir = tmp_path / finished_run.run_dir.name
+    shutil.copytree(finished_run.run_dir, run_dir)
+    latest = runs.latest_checkpoint(run_dir)
+    damage(latest)
+    before = sorted(p.name for p in run_dir.rglob("*"))
+
+    code = main(["--resume", run_dir.name, "--storage-path", str(tmp_path), "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert err.startswith("raytrain: error: checkpoint") and err.count("\n") == 1, err
+    assert str(latest) in err
+    assert not (run_dir / "PWNED").exists(), "the checkpoint's payload was executed"
+    assert sorted(p.name for p in run_dir.rglob("*")) == before  # nothing written or removed
+
+
+def test_malicious_checkpoint_is_refused_by_load(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text("{}")
+    _malicious_torch_file(ckpt)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        checkpoint.load(ckpt)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_finished_run_needs_more_epochs_to_resume(finished_run, capsys):
+    code = main(["--resume", str(finished_run.run_dir)])
+    assert code == EXIT_USAGE
+    assert "already trained 2 epochs" in capsys.readouterr().err
