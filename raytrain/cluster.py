@@ -10,16 +10,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from raytrain.config import Config
 from raytrain.errors import UserError
+from raytrain.runs import storage_dir
 
 # How often Ray Train's controller polls the workers. Each ray.train.report() after the first waits
 # for one poll, so the default 2 s would cost up to 2 s per epoch.
 _POLL_INTERVAL_S = "0.1"
+_PROBE_TIMEOUT_S = 5.0
 
 
 class ClusterError(UserError):
@@ -36,10 +41,23 @@ class Plan:
     embedded: bool
     address: str | None
     note: str | None = None  # one line for the user when the request had to be fitted
+    min_workers: int | None = None  # set for an elastic run
+    nodes: int = 1
 
     @property
     def cpus(self) -> float:
         return self.workers * self.cpus_per_worker
+
+    @property
+    def num_workers(self) -> int | tuple[int, int]:
+        """ScalingConfig's num_workers: a count, or (min, max) for an elastic run."""
+        return self.workers if self.min_workers is None else (self.min_workers, self.workers)
+
+    @property
+    def workers_text(self) -> str:
+        if self.min_workers is None:
+            return str(self.workers)
+        return f"{self.min_workers}-{self.workers} (elastic)"
 
 
 def plan_embedded(cfg: Config, cores: int) -> Plan:
@@ -61,26 +79,80 @@ def plan_embedded(cfg: Config, cores: int) -> Plan:
                 f"{workers} workers x {asked:g} CPUs exceed this machine's {cores} cores: "
                 f"embedded Ray offers {math.ceil(workers * asked)} logical CPUs (shared cores)"
             )
-    return Plan(workers, cpus, _threads(cpus), embedded=True, address=None, note=note)
+    if cfg.scaling.min_workers is not None:
+        # Elastic: Ray Train starts as many whole-CPU workers as the cores hold.
+        cpus, note = asked or 1.0, None
+    return Plan(
+        workers,
+        cpus,
+        _threads(cpus),
+        embedded=True,
+        address=None,
+        note=note,
+        min_workers=cfg.scaling.min_workers,
+    )
 
 
 def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) -> Plan:
     """Check the request against an existing cluster's CPUs; ClusterError if it cannot fit."""
-    workers = cfg.scaling.workers
+    workers, least = cfg.scaling.workers, cfg.scaling.min_workers
     cpus = cfg.scaling.cpus_per_worker or 1.0
     total = resources.get("CPU", 0.0)
-    if workers * cpus > total:
+    needed = (least or workers) * cpus
+    alive = [n for n in nodes if n.get("Alive")]
+    if needed > total:
         per_node = ", ".join(
-            f"{n['NodeManagerAddress']} {n['Resources'].get('CPU', 0):g}"
-            for n in nodes
-            if n.get("Alive")
+            f"{n['NodeManagerAddress']} ({n['NodeID'][:8]}): {n['Resources'].get('CPU', 0):g}"
+            for n in alive
         )
+        count = f"{least} workers (elastic minimum)" if least else f"{workers} workers"
         raise ClusterError(
-            f"asked for {workers} workers x {cpus:g} CPUs = {workers * cpus:g} CPUs, but the "
-            f"cluster at {address} has {total:g} CPUs ({per_node or 'no live nodes'}); use fewer "
+            f"asked for {count} x {cpus:g} CPUs = {needed:g} CPUs, but the cluster at "
+            f"{address} has {total:g} CPUs on {len(alive)} node(s) [{per_node}]; use fewer "
             "--workers or a smaller scaling.cpus_per_worker"
         )
-    return Plan(workers, cpus, _threads(cpus), embedded=False, address=address)
+    return Plan(
+        workers,
+        cpus,
+        _threads(cpus),
+        embedded=False,
+        address=address,
+        min_workers=least,
+        nodes=len(alive),
+    )
+
+
+def check_storage_visible(storage: Path) -> None:
+    """On a multi-node cluster, check that every node sees the storage directory: checkpoints
+    written by a worker on one node must be readable by the driver and by a restarted worker."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < 2:
+        return
+    marker = storage / f".raytrain-visible-{secrets.token_hex(4)}"
+    marker.write_text("raytrain checks that every node sees this directory\n")
+    sees = ray.remote(num_cpus=0)(os.path.exists)
+    try:
+        seen = ray.get(
+            [
+                sees.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(str(marker))
+                for n in nodes
+            ],
+            timeout=120,
+        )
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
+    if blind:
+        raise ClusterError(
+            f"run.storage_path {str(storage)!r} is not visible from node(s) {', '.join(blind)}: "
+            "on a multi-node cluster, use a directory that every node mounts (NFS, a shared "
+            "volume) with --storage-path"
+        )
 
 
 def _threads(cpus_per_worker: float) -> int:
@@ -97,6 +169,59 @@ def _quiet_environment(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def probe(address: str) -> None:
+    """Fail within seconds, in one sentence, when the cluster is unreachable or refuses us.
+
+    Left to itself, ray.init retries an unreachable or unauthorised cluster for 20 s or more.
+    """
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        return  # Ray Client: ray.init reports its own errors
+    try:
+        gcs = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise ClusterError(f"cannot find the Ray cluster {address!r}: {e}") from None
+    if gcs is None:
+        raise ClusterError(
+            f"--address {address!r}: no running Ray cluster found on this machine; start one "
+            "with 'ray start --head' or give the head node's host:port"
+        )
+    host, _, port = gcs.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address!r} ({gcs}: {reason}); check the head "
+            "node's host:port (Ray's default port is 6379) and that the cluster is running"
+        ) from None
+    try:
+        ray._raylet.GcsClient(address=gcs)
+    except ray.exceptions.AuthenticationError:
+        raise ClusterError(
+            f"the Ray cluster at {address!r} refused authentication: it uses token auth; "
+            "export RAY_AUTH_MODE=token and make the cluster's token available in "
+            "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+        ) from None
+    except ray.exceptions.RayError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClusterError(
+            f"{gcs} does not answer as a Ray cluster ({first}); --address takes the head "
+            "node's GCS host:port (Ray's default port is 6379)"
+        ) from None
+
+
+def _code_runtime_env() -> dict | None:
+    """Ship raytrain's own code to the cluster's workers, unless this driver is a Ray Job (whose
+    working_dir already carries it, along with any of the user's modules)."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return None
+    package = Path(__file__).resolve().parent
+    return {"py_modules": [str(package)], "excludes": ["__pycache__"]}
+
+
 def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
     """ray.init, quiet unless ``verbose``: ``address=None`` starts a private embedded instance."""
     import ray
@@ -108,7 +233,7 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
         "log_to_driver": verbose,
     }
     if address:
-        ray.init(address=address, **common)
+        ray.init(address=address, runtime_env=_code_runtime_env(), **common)
     else:
         # address="local" always starts a private instance, never joins another one on this host.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
@@ -127,19 +252,23 @@ def connect(cfg: Config) -> Iterator[Plan]:
 
     address = cfg.run.address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        probe(address)
         try:
             init_ray(address, None, cfg.run.verbose)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
         try:
             plan = plan_cluster(cfg, address, ray.cluster_resources(), ray.nodes())
+            check_storage_visible(storage_dir(cfg.run.storage_path))
         except ClusterError:
             ray.shutdown()
             raise
     else:
         cores = os.cpu_count() or 1
         plan = plan_embedded(cfg, cores)
-        init_ray(None, max(cores, math.ceil(plan.cpus)), cfg.run.verbose)
+        # An elastic run sizes itself to the real cores; a fixed one gets the CPUs it asked for.
+        offered = cores if plan.min_workers is not None else max(cores, math.ceil(plan.cpus))
+        init_ray(None, offered, cfg.run.verbose)
     try:
         yield plan
     finally:

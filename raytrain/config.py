@@ -91,7 +91,15 @@ class TrainConfig(_Section):
 class ScalingConfig(_Section):
     """How many workers, and what each one gets."""
 
-    workers: int = Field(2, ge=1, description="Number of Ray Train workers (processes).")
+    workers: int = Field(
+        2, ge=1, description="Number of Ray Train workers (processes); the most, in elastic runs."
+    )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Set for an elastic run: start with at least this many workers when the "
+        "cluster cannot hold 'workers', and grow as CPUs free up (--workers MIN-MAX).",
+    )
     cpus_per_worker: float | None = Field(
         None,
         gt=0,
@@ -141,6 +149,11 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         workers = self.scaling.workers
+        if self.scaling.min_workers is not None and self.scaling.min_workers > workers:
+            raise ValueError(
+                f"scaling.min_workers = {self.scaling.min_workers} is more than scaling.workers = "
+                f"{workers}; an elastic range is MIN-MAX with MIN <= MAX"
+            )
         if self.train.batch_size < workers:
             raise ValueError(
                 f"train.batch_size = {self.train.batch_size} is smaller than scaling.workers = "

@@ -3,6 +3,8 @@ on the driver, on rows no worker trained on."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from raytrain.config import Config
 from raytrain.data import Datasets, build_datasets
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
-from raytrain.report import Console, Follower, MetricsLog, write_results
+from raytrain.report import Console, Follower, MetricsLog, read_metrics, write_results
 from raytrain.worker import LoopArgs, train_loop_per_worker
 
 _VAL_BATCH = 4096
@@ -47,7 +49,7 @@ def build_trainer(
         train_loop_config={"args": args},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.workers,
+            num_workers=plan.num_workers,
             use_gpu=False,
             resources_per_worker={"CPU": plan.cpus_per_worker},
             placement_strategy=cfg.scaling.placement_strategy,
@@ -92,6 +94,17 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
     return outcome["result"]
 
 
+def placement(run_dir: Path) -> list[dict[str, Any]]:
+    """Where each worker rank ran in the last epoch: node id and IP."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return []
+    return [
+        {"rank": w["rank"], "node_id": w["node_id"], "node_ip": w.get("node_ip")}
+        for w in sorted(rows[-1]["workers"], key=lambda w: w["rank"])
+    ]
+
+
 def run(
     cfg: Config,
     plan: Plan,
@@ -114,6 +127,11 @@ def run(
     validation = evaluate(
         model, datasets.val.iter_torch_batches(batch_size=_VAL_BATCH), datasets.classes
     )
+    validation["validated_by"] = {
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
     console.validation(validation)
 
     results = {
@@ -123,7 +141,8 @@ def run(
         "epochs": state["epoch"],
         "train": state["meta"]["metrics"],
         "validation": validation,
-        "workers": plan.workers,
+        "workers": plan.workers_text,
+        "placement": placement(run_dir),
         "cpus_per_worker": plan.cpus_per_worker,
         "threads_per_worker": plan.threads,
         "wall_time_s": {

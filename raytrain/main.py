@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Continue the run of that name under --storage-path (or at that path) from its "
         "latest checkpoint, with the config it started with.",
     )
-    types = {"workers": int, "epochs": int, "batch_size": int, "lr": float, "seed": int}
+    types = {"epochs": int, "batch_size": int, "lr": float, "seed": int}
     for dest, dotted in FLAG_FIELDS.items():
         flag = "--" + dest.replace("_", "-")
         if dest == "verbose":
@@ -60,18 +60,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> Config:
+def flag_values(args: argparse.Namespace) -> dict:
+    """The dedicated flags as dotted config keys; --workers MIN-MAX sets an elastic range."""
     flags = {FLAG_FIELDS[dest]: getattr(args, dest) for dest in FLAG_FIELDS}
-    return config.load(args.config, args.set, flags)
+    workers = args.workers
+    if workers is not None:
+        low, sep, high = workers.partition("-")
+        if not (low.isdigit() and (not sep or high.isdigit())):
+            raise UserError(
+                f"--workers {workers!r} should be a count (4) or an elastic range MIN-MAX (2-8)"
+            )
+        flags["scaling.workers"] = int(high if sep else low)
+        if sep:
+            flags["scaling.min_workers"] = int(low)
+    return flags
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    return config.load(args.config, args.set, flag_values(args))
 
 
 def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[str, str]]:
-    where = "embedded Ray on this machine" if plan.embedded else f"Ray cluster at {plan.address}"
-    per_worker = cfg.train.batch_size / plan.workers
+    where = (
+        "embedded Ray on this machine"
+        if plan.embedded
+        else f"Ray cluster at {plan.address} ({plan.nodes} nodes)"
+    )
+    low, high = divmod(cfg.train.batch_size, plan.workers)
+    per_worker = f"{low}" if high == 0 else f"{low}-{low + 1}"
     items = [
         (
             "workers",
-            f"{plan.workers} x {plan.cpus_per_worker:g} CPU, {plan.threads} torch thread(s) each, "
+            f"{plan.workers_text} x {plan.cpus_per_worker:g} CPU, {plan.threads} torch thread(s) "
+            "each, "
             f"{where}",
         ),
         (
@@ -83,7 +104,7 @@ def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[
         (
             "model",
             f"{cfg.model.name}, SGD lr {cfg.train.lr:g}, global batch {cfg.train.batch_size} "
-            f"({per_worker:g} per worker), {cfg.train.epochs} epochs",
+            f"({per_worker} per worker), {cfg.train.epochs} epochs",
         ),
         ("run", f"{run_dir}{' (resumed)' if resumed else ''}"),
     ]
@@ -105,7 +126,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
             raise UserError(f"{flag} cannot be combined with --resume (the run keeps its own)")
     run_dir = runs.locate(args.resume, args.storage_path or Config().run.storage_path)
     saved = runs.saved_config(run_dir)
-    flags = {FLAG_FIELDS[dest]: getattr(args, dest) for dest in FLAG_FIELDS}
+    flags = flag_values(args)
     flags |= {"run.name": run_dir.name, "run.storage_path": str(run_dir.parent)}
     cfg = config.load(None, args.set, flags, base=saved)
     for section in ("data", "model"):

@@ -132,6 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(args.threads)
     node_id = ray.get_runtime_context().get_node_id()
+    node_ip = ray.util.get_node_ip_address()
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, args.features, args.classes)
@@ -171,6 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
             "worker": {
                 "rank": rank,
                 "node_id": node_id,
+                "node_ip": node_ip,
                 "started_at": started_at,
                 "loss": local["loss_sum"] / max(local["rows"], 1),
                 "accuracy": local["correct"] / max(local["rows"], 1),

@@ -135,3 +135,37 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
         "raytrain: error: invalid value for scaling.workers: 0 "
         "(input should be greater than or equal to 1)"
     ]
+
+
+def test_cluster_launcher_config_is_valid_yaml_with_the_needed_keys():
+    import yaml
+
+    launcher = yaml.safe_load((ROOT / "configs/cluster.yaml").read_text())
+    needed = ["cluster_name", "provider", "available_node_types", "head_node_type",
+              "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"]  # fmt: skip
+    for key in needed:
+        assert key in launcher, key
+    assert launcher["head_node_type"] in launcher["available_node_types"]
+    for node_type in launcher["available_node_types"].values():
+        assert "GPU" not in node_type["resources"]
+    assert any("ray start --head" in c for c in launcher["head_start_ray_commands"])
+    assert any("torch" in c and "cpu" in c for c in launcher["setup_commands"])
+
+
+def test_kuberay_rayjob_manifest_is_valid_yaml_with_the_needed_keys():
+    import yaml
+
+    job = yaml.safe_load((ROOT / "configs/rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("python -m raytrain.main")
+    assert "--address auto" in spec["entrypoint"]
+    cluster = spec["rayClusterSpec"]
+    assert "headGroupSpec" in cluster and cluster["workerGroupSpecs"]
+    for group in cluster["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    # The entrypoint must parse as raytrain flags.
+    from raytrain.main import parse_args
+
+    parse_args(spec["entrypoint"].split()[3:])

@@ -1,0 +1,186 @@
+"""A real multi-node Ray cluster on this machine: three nodes started with `ray start`, token auth
+on, stopped by process id at the end. raytrain connects to it, spreads its workers over the nodes,
+runs as a Ray Job, and fails fast and clearly on a wrong address, a missing token or a request the
+cluster cannot hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    """`ray start --block` processes: one head and some worker nodes, each its own node."""
+
+    def __init__(self, tmp: Path, cpus_per_node: list[int]):
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # Token auth, as a production cluster has it, with a token of this test's own.
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        }
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        head, *workers = cpus_per_node
+        try:
+            self._start(
+                "head",
+                ["--head", f"--port={self.port}", f"--temp-dir={tmp / 'ray'}",
+                 "--include-dashboard=true", f"--dashboard-port={self.dashboard_port}",
+                 "--dashboard-host=127.0.0.1"],
+                head,
+            )  # fmt: skip
+            self._wait_for_nodes(1)
+            # One at a time: on 2 cores, nodes that start together time out registering.
+            for i, cpus in enumerate(workers):
+                self._start(f"worker{i}", [f"--address={self.address}"], cpus)
+                self._wait_for_nodes(i + 2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, name: str, args: list[str], cpus: int) -> None:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        cmd = [f"{VENV_BIN}/ray", "start", "--block", f"--num-cpus={cpus}",
+               "--disable-usage-stats", *args]  # fmt: skip
+        self.procs.append(
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        )
+
+    def _wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        script = (
+            "import ray, time\n"
+            f"deadline = time.time() + {timeout}\n"
+            "while True:\n"
+            "    try:\n"
+            f"        ray.init(address='{self.address}',\n"
+            "                 logging_config=ray.LoggingConfig(log_level='ERROR'))\n"
+            "        break\n"
+            "    except ConnectionError:\n"
+            "        assert time.time() < deadline, 'the head did not start'\n"
+            "        time.sleep(1)\n"
+            f"while sum(n['Alive'] for n in ray.nodes()) < {count}:\n"
+            "    assert time.time() < deadline, 'nodes did not join'\n"
+            "    time.sleep(0.5)\n"
+        )  # fmt: skip
+        subprocess.run([sys.executable, "-c", script], env=self.env, check=True,
+                       timeout=timeout + 30, capture_output=True)  # fmt: skip
+
+    def stop(self) -> None:
+        # SIGTERM makes `ray start --block` stop the Ray processes it started: only ours.
+        for proc in reversed(self.procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    cluster = RayCluster(tmp_path_factory.mktemp("cluster"), [1, 1, 1])
+    yield cluster
+    cluster.stop()
+
+
+def raytrain(cluster: RayCluster, *args: str, env: dict | None = None, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "raytrain.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**cluster.env, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def test_spread_workers_over_nodes_and_validate_on_the_driver(ray_cluster, tmp_path):
+    proc = raytrain(
+        ray_cluster, "--address", ray_cluster.address, "--workers", "3", "--epochs", "2",
+        "--set", "scaling.placement_strategy=SPREAD", "--storage-path", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"Ray cluster at {ray_cluster.address} (3 nodes)" in proc.stdout
+    assert "validation  acc" in proc.stdout
+    (run_dir,) = tmp_path.iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    nodes = {worker["node_id"] for worker in results["placement"]}
+    assert len(results["placement"]) == 3 and len(nodes) >= 2, results["placement"]
+    driver = results["validation"]["validated_by"]
+    assert driver["node_id"] not in (None, "") and driver["hostname"] == socket.gethostname()
+    assert results["validation"]["rows"] == 200
+
+
+def test_submit_as_a_ray_job(ray_cluster, tmp_path):
+    proc = subprocess.run(
+        [f"{VENV_BIN}/ray", "job", "submit",
+         f"--address=http://127.0.0.1:{ray_cluster.dashboard_port}", f"--working-dir={ROOT}",
+         "--", "python", "-m", "raytrain.main", "--workers", "2", "--epochs", "2",
+         "--storage-path", str(tmp_path)],
+        capture_output=True, text=True, env=ray_cluster.env, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "succeeded" in out and "validation  acc" in out, out
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "results.json").exists()
+
+
+def _fails_fast(proc: subprocess.CompletedProcess, started: float, *needles: str) -> None:
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("raytrain: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert elapsed < 20, f"took {elapsed:.1f} s"
+
+
+def test_unreachable_address_is_a_clear_error_in_seconds(ray_cluster, tmp_path):
+    nobody = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    proc = raytrain(ray_cluster, "--address", nobody, "--storage-path", str(tmp_path))
+    _fails_fast(proc, started, nobody, "cannot reach")
+    assert not any(tmp_path.iterdir()), "a failed start left a run directory behind"
+
+
+def test_missing_token_is_a_clear_error_in_seconds(ray_cluster, tmp_path):
+    started = time.monotonic()
+    proc = raytrain(
+        ray_cluster, "--address", ray_cluster.address, "--storage-path", str(tmp_path),
+        env={"RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    _fails_fast(proc, started, "refused authentication", "RAY_AUTH_MODE=token")
+
+
+def test_request_larger_than_the_cluster_is_a_clear_error_in_seconds(ray_cluster, tmp_path):
+    started = time.monotonic()
+    proc = raytrain(
+        ray_cluster, "--address", ray_cluster.address, "--workers", "5",
+        "--storage-path", str(tmp_path),
+    )  # fmt: skip
+    _fails_fast(proc, started, "5 workers", "= 5 CPUs", "has 3 CPUs on 3 node(s)")
