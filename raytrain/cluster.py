@@ -25,6 +25,7 @@ from raytrain.runs import storage_dir
 # for one poll, so the default 2 s would cost up to 2 s per epoch.
 _POLL_INTERVAL_S = "0.1"
 _PROBE_TIMEOUT_S = 5.0
+_DATA_CPUS = 1
 
 
 class ClusterError(UserError):
@@ -99,6 +100,8 @@ def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) 
     cpus = cfg.scaling.cpus_per_worker or 1.0
     total = resources.get("CPU", 0.0)
     needed = (least or workers) * cpus
+    if cfg.data.path is not None:
+        needed += _DATA_CPUS  # Ray Data's read tasks need a CPU that no worker holds
     alive = [n for n in nodes if n.get("Alive")]
     if needed > total:
         per_node = ", ".join(
@@ -106,8 +109,9 @@ def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) 
             for n in alive
         )
         count = f"{least} workers (elastic minimum)" if least else f"{workers} workers"
+        data = f" + {_DATA_CPUS} for reading Parquet" if cfg.data.path is not None else ""
         raise ClusterError(
-            f"asked for {count} x {cpus:g} CPUs = {needed:g} CPUs, but the cluster at "
+            f"asked for {count} x {cpus:g} CPUs{data} = {needed:g} CPUs, but the cluster at "
             f"{address} has {total:g} CPUs on {len(alive)} node(s) [{per_node}]; use fewer "
             "--workers or a smaller scaling.cpus_per_worker"
         )
@@ -268,7 +272,9 @@ def connect(cfg: Config) -> Iterator[Plan]:
         plan = plan_embedded(cfg, cores)
         # An elastic run sizes itself to the real cores; a fixed one gets the CPUs it asked for.
         offered = cores if plan.min_workers is not None else max(cores, math.ceil(plan.cpus))
-        init_ray(None, offered, cfg.run.verbose)
+        # One more for Ray Data's read tasks: with every CPU held by a training worker, reading
+        # Parquet would wait forever.
+        init_ray(None, offered + _DATA_CPUS, cfg.run.verbose)
     try:
         yield plan
     finally:

@@ -36,9 +36,35 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the training data comes from and how it is split."""
 
+    path: str | None = Field(
+        None,
+        description="Parquet file or directory to train on (a local path, or a URI pyarrow "
+        "understands). Unset: synthetic data.",
+    )
+    val_path: str | None = Field(
+        None, description="Parquet validation data. Unset: hold out val_fraction of the rows."
+    )
+    feature_columns: tuple[str, ...] = Field(
+        ("x",),
+        min_length=1,
+        description="Parquet: one fixed-size-list column, or several numeric columns, that "
+        "make the features.",
+    )
+    label_column: str = Field("y", description="Parquet: the integer class label column.")
+    ingest: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="'memory': every worker copies the training split into memory once; "
+        "'stream': Ray Data streams a shard to each worker every epoch; 'auto': memory when "
+        "the split is under memory_limit_mb.",
+    )
+    memory_limit_mb: float = Field(
+        1024, gt=0, description="The largest training split (MB) that 'auto' keeps in memory."
+    )
     samples: int = Field(1000, ge=2, description="Rows of synthetic data (train + validation).")
-    features: int = Field(10, ge=1, description="Features per row.")
-    classes: int = Field(2, ge=2, description="Number of label classes.")
+    features: int = Field(10, ge=1, description="Features per row of synthetic data.")
+    classes: int = Field(
+        2, ge=2, description="Classes of synthetic data (Parquet: the largest label + 1)."
+    )
     labels: Literal["rule", "random"] = Field(
         "rule",
         description="'rule': labels follow a hidden linear rule plus noise, so learning shows; "
@@ -56,9 +82,22 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which model to train."""
 
-    name: Literal["simple", "mlp"] = Field(
-        "simple", description="'simple': the tutorial's nn.Linear; 'mlp': Linear+ReLU layers."
+    name: str = Field(
+        "simple",
+        description="'simple': the tutorial's nn.Linear; 'mlp': Linear+ReLU layers; or your own "
+        "nn.Module as 'package.module:ClassName'.",
     )
+    kwargs: dict[str, Any] = Field(
+        {}, description="Keyword arguments for your own model class (besides features, classes)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_or_importable_name(cls, v: str) -> str:
+        module, sep, attr = v.partition(":")
+        if v in ("simple", "mlp") or (sep and module and attr):
+            return v
+        raise ValueError(f"must be 'simple', 'mlp' or 'package.module:ClassName', got {v!r}")
     hidden: tuple[int, ...] = Field(
         (64,), description="Hidden layer sizes of the 'mlp' model (ignored by 'simple')."
     )

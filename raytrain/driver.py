@@ -4,6 +4,7 @@ on the driver, on rows no worker trained on."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import threading
 import time
@@ -17,9 +18,17 @@ from raytrain import checkpoint
 from raytrain.cluster import Plan
 from raytrain.config import Config
 from raytrain.data import Datasets, build_datasets
+from raytrain.errors import UserError
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
-from raytrain.report import Console, Follower, MetricsLog, read_metrics, write_results
+from raytrain.report import (
+    Console,
+    Follower,
+    MetricsLog,
+    read_metrics,
+    write_report,
+    write_results,
+)
 from raytrain.worker import LoopArgs, train_loop_per_worker
 
 _VAL_BATCH = 4096
@@ -43,6 +52,7 @@ def build_trainer(
         classes=datasets.classes,
         run_dir=str(run_dir),
         fail_at=fail_at,
+        ingest=datasets.ingest,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -68,9 +78,11 @@ def build_trainer(
             logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
         ),
         datasets={"train": datasets.train},
-        # Every worker reads the whole (small) training split once and trains on its own rows of
-        # each global batch; see worker.py for the rule.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # In memory, every worker reads the whole training split once and trains on its own rows
+        # of each global batch (see worker.py); streamed, each worker gets an equal shard.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if datasets.ingest == "stream" else []
+        ),
     )
 
 
@@ -111,13 +123,31 @@ def run(
     run_dir: Path,
     console: Console,
     fail_at: tuple[int, int] | None = None,
+    report: bool = True,
 ) -> dict[str, Any]:
-    """Train (or continue training), validate on the driver, write results.json."""
+    """Train (or continue training), validate on the driver, write results.json (and the report
+    with its plots, unless ``report`` is off)."""
     started = time.perf_counter()
-    datasets = build_datasets(cfg.data)
+    datasets = build_datasets(cfg.data, plan.workers)
+    prepared = time.perf_counter()
+    console.line(
+        f"{'data':>7}  {datasets.source}; {datasets.features} features, {datasets.classes} "
+        f"classes; {datasets.train_rows:,} train / {datasets.val_rows:,} held-out rows"
+    )
+    if datasets.ingest == "stream" and cfg.train.batch_size % plan.workers:
+        raise UserError(
+            f"train.batch_size = {cfg.train.batch_size} must divide by {plan.workers} workers when "
+            "the data is streamed (each worker takes an equal share of every step)"
+        )
     trainer = build_trainer(cfg, plan, datasets, run_dir, fail_at)
-    with Follower(run_dir, lambda row: console.epoch(row, cfg.train.epochs)):
+    fit_started = time.time()
+    # The Follower stops first (its last poll still reaches the progress bar), then the bar goes,
+    # also on Ctrl-C or a failure, so that what main prints lands on a clean terminal.
+    with console.training(cfg.train.epochs), Follower(
+        run_dir, lambda row: console.epoch(row, cfg.train.epochs)
+    ):
         result = fit(trainer)
+    fit_ended = time.time()
     trained = time.perf_counter()
 
     with result.checkpoint.as_directory() as directory:
@@ -133,6 +163,7 @@ def run(
         "node_id": ray.get_runtime_context().get_node_id(),
     }
     console.validation(validation)
+    validated = time.perf_counter()
 
     results = {
         "run": run_dir.name,
@@ -149,7 +180,42 @@ def run(
             "train": trained - started,
             "total": time.perf_counter() - started,
         },
+        "phases": phases(
+            read_metrics(run_dir),
+            data_preparation=prepared - started,
+            fit_window=(fit_started, fit_ended),
+            validation=validated - trained,
+        ),
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": cfg.to_dict(),
     }
     write_results(run_dir, results)
+    if report:
+        png, html = write_report(run_dir)
+        console.line(f"{'report':>7}  {html} ({png.name} beside it)")
     return results
+
+
+def phases(
+    rows: list[dict[str, Any]],
+    data_preparation: float,
+    fit_window: tuple[float, float],
+    validation: float,
+) -> dict[str, float]:
+    """Seconds per phase of this run, measured: building the datasets on the driver; start-up
+    (workers, model definition, each worker's copy of the data) until the first epoch of this
+    run began; training until the last epoch was reported; teardown until fit() returned;
+    validation on the driver."""
+    fit_started, fit_ended = fit_window
+    mine = [row for row in rows if row["time"] >= fit_started]  # a resumed run's epochs only
+    if not mine:
+        return {"data_preparation": data_preparation, "validation": validation}
+    first_epoch = min(w["started_at"] for w in mine[0]["workers"] if "started_at" in w)
+    last_report = mine[-1]["time"]
+    return {
+        "data_preparation": data_preparation,
+        "startup": first_epoch - fit_started,
+        "training": last_report - first_epoch,
+        "teardown": fit_ended - last_report,
+        "validation": validation,
+    }

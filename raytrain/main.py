@@ -48,6 +48,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Continue the run of that name under --storage-path (or at that path) from its "
         "latest checkpoint, with the config it started with.",
     )
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="Skip writing report.png and report.html into the run directory at the end.",
+    )
     types = {"epochs": int, "batch_size": int, "lr": float, "seed": int}
     for dest, dotted in FLAG_FIELDS.items():
         flag = "--" + dest.replace("_", "-")
@@ -94,12 +99,6 @@ def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[
             f"{plan.workers_text} x {plan.cpus_per_worker:g} CPU, {plan.threads} torch thread(s) "
             "each, "
             f"{where}",
-        ),
-        (
-            "data",
-            f"synthetic ({cfg.data.labels} labels), {cfg.data.samples} rows x "
-            f"{cfg.data.features} features, {cfg.data.classes} classes, "
-            f"{cfg.data.val_fraction:.0%} held out",
         ),
         (
             "model",
@@ -205,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # After ray.init, which installs a SIGTERM handler of its own that just dies.
             signal.signal(signal.SIGTERM, _interrupt)
             console.header(header(cfg, plan, run_dir, resumed=args.resume is not None))
-            driver.run(cfg, plan, run_dir, console, fail_at)
+            driver.run(cfg, plan, run_dir, console, fail_at, report=not args.no_report)
     except UserError as e:
         if args.resume is None:
             _discard_if_unused(run_dir)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 from torch import nn
 
 from raytrain.config import ModelConfig
+from raytrain.errors import UserError
 
 
 class SimpleModel(nn.Module):
@@ -34,11 +38,45 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class ModelError(UserError):
+    """A custom model that cannot be imported or built (one sentence)."""
+
+
+def load_model_class(name: str) -> type[nn.Module]:
+    """The class named 'package.module:ClassName'; ModelError if it is not an nn.Module class."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelError(
+            f"model.name {name!r}: cannot import module {module_name!r} ({e}); it must be "
+            "importable from the directory you run raytrain in, or installed"
+        ) from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ModelError(
+            f"model.name {name!r}: {module_name} has no nn.Module class named {attr!r}"
+        )
+    return cls
+
+
 def build_model(cfg: ModelConfig, features: int, classes: int) -> nn.Module:
-    """The model named by ``cfg.name``, sized for the data."""
+    """The model named by ``cfg.name``, sized for the data.
+
+    A custom class gets ``cfg.kwargs``, plus ``features`` and ``classes`` when its constructor
+    takes parameters of those names.
+    """
     if cfg.name == "simple":
         return SimpleModel(features, classes)
-    return MLP(features, classes, cfg.hidden)
+    if cfg.name == "mlp":
+        return MLP(features, classes, cfg.hidden)
+    cls = load_model_class(cfg.name)
+    params = inspect.signature(cls).parameters
+    sizes = {k: v for k, v in (("features", features), ("classes", classes)) if k in params}
+    try:
+        return cls(**sizes, **cfg.kwargs)
+    except TypeError as e:
+        raise ModelError(f"model.name {cfg.name!r} with model.kwargs {cfg.kwargs}: {e}") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

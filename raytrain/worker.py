@@ -22,6 +22,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from raytrain import checkpoint
 from raytrain.config import Config
-from raytrain.data import read_tensors
+from raytrain.data import FEATURES, LABEL, read_tensors
 from raytrain.model import build_model
 
 # Rows read per batch when a worker copies the training split into memory once.
@@ -49,6 +50,7 @@ class LoopArgs:
     features: int
     classes: int
     run_dir: str
+    ingest: str = "memory"  # or "stream": see raytrain.data
     # (rank, epoch): that rank kills itself with SIGKILL when it starts that epoch (1-based),
     # once per run. For rehearsing recovery; see RAYTRAIN_FAIL_AT in the README.
     fail_at: tuple[int, int] | None = None
@@ -62,32 +64,51 @@ def epoch_order(rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor
     return torch.randperm(rows, generator=torch.Generator().manual_seed(epoch_seed))
 
 
-def train_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    order: torch.Tensor,
-    batch_size: int,
-    rank: int,
-    world: int,
-) -> dict[str, float]:
-    """One epoch of this worker's part of every global batch; returns its own loss/correct/rows."""
-    model.train()
-    loss_sum = correct = seen = 0.0
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def memory_batches(
+    x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_size: int, rank: int, world: int
+) -> Batches:
+    """This worker's rows of every global batch of ``order``, with the global batch's size."""
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         mine = batch[rank::world]
-        xb, yb = x[mine], y[mine]
+        yield x[mine], y[mine], len(batch)
+
+
+def streamed_batches(shard, local_batch: int, seed: int, epoch: int, rank: int, world: int):
+    """This worker's Ray Data shard, streamed in local batches with a seeded local shuffle.
+
+    Ray Train splits the stream into equal shards, so every worker takes the same number of
+    steps with batches of the same size, and the global batch is ``world`` local batches.
+    """
+    shuffle_seed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    for batch in shard.iter_torch_batches(
+        batch_size=local_batch,
+        prefetch_batches=4,
+        local_shuffle_buffer_size=8 * local_batch,
+        local_shuffle_seed=shuffle_seed,
+    ):
+        yield batch[FEATURES], batch[LABEL], len(batch[LABEL]) * world
+
+
+def train_epoch(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, world: int
+) -> dict[str, float]:
+    """One epoch over this worker's batches; returns its own loss sum, correct count and rows."""
+    model.train()
+    loss_sum = correct = seen = 0.0
+    for xb, yb, global_rows in batches:
         logits = model(xb)
         summed = F.cross_entropy(logits, yb, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
         # DDP divides by world; this makes the step's gradient the mean over the global batch.
-        (summed * (world / len(batch))).backward()
+        (summed * (world / global_rows)).backward()
         optimizer.step()
         loss_sum += summed.item()
         correct += (logits.argmax(dim=1) == yb).sum().item()
-        seen += len(mine)
+        seen += len(yb)
     return {"loss_sum": loss_sum, "correct": correct, "rows": seen}
 
 
@@ -149,10 +170,11 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     # Wraps in DDP (gloo on CPU) only when world > 1; DDP also broadcasts rank 0's weights.
     model = ray.train.torch.prepare_model(model)
 
-    # The training split is small enough to hold: copy it into tensors once, instead of paying
-    # a Ray Data pipeline start-up every epoch.
     shard = ray.train.get_dataset_shard("train")
-    x, y = read_tensors(shard.iter_torch_batches(batch_size=_READ_BATCH))
+    if args.ingest == "memory":
+        # Small enough to hold: copy the split into tensors once, instead of paying a Ray Data
+        # pipeline start-up every epoch.
+        x, y = read_tensors(shard.iter_torch_batches(batch_size=_READ_BATCH))
 
     config_dict = cfg.to_dict()
     every = cfg.train.checkpoint_every
@@ -161,8 +183,13 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
             _die_once(rank, epoch + 1, args.run_dir)
         started_at = time.time()
         started = time.perf_counter()
-        order = epoch_order(len(y), cfg.train.seed, epoch, cfg.train.shuffle)
-        local = train_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
+        if args.ingest == "memory":
+            order = epoch_order(len(y), cfg.train.seed, epoch, cfg.train.shuffle)
+            batches = memory_batches(x, y, order, cfg.train.batch_size, rank, world)
+        else:
+            local_batch = cfg.train.batch_size // world
+            batches = streamed_batches(shard, local_batch, cfg.train.seed, epoch, rank, world)
+        local = train_epoch(model, optimizer, batches, world)
         seconds = time.perf_counter() - started
         totals = _global_totals(local, seconds, world)
         done = epoch + 1

@@ -48,7 +48,7 @@ def train(ray_session, tmp_path_factory):
         run_dir = runs.claim(cfg)
         runs.save_config(run_dir, cfg)
         out = io.StringIO()
-        results = driver.run(cfg, plan, run_dir, Console(out), fail_at)
+        results = driver.run(cfg, plan, run_dir, Console(out), fail_at, report=False)
         return Trained(cfg, results, out.getvalue())
 
     return run

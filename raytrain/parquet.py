@@ -1,0 +1,304 @@
+"""Parquet data: find the files, check them before training, and read them as ``x``/``y`` rows.
+
+Checks happen in two passes, both before any worker starts: the file footers (columns and types,
+cheap), then one streaming Ray Data pass over the rows (NaN or infinite features, ragged feature
+lists, labels out of range, empty data), which runs in parallel on the cluster and keeps only a few
+numbers per file on the driver. Every problem is one sentence naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raytrain.errors import UserError
+
+FEATURES = "x"
+LABEL = "y"
+_PATH = "path"  # the column Ray Data adds with include_paths=True
+_BUCKETS = 1_000_000  # resolution of the hashed validation split
+
+
+class DataError(UserError):
+    """Training data that cannot be used as it is (one sentence naming the file or column)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A set of Parquet files and how to read features and labels from them."""
+
+    filesystem: pafs.FileSystem
+    files: tuple[str, ...]
+    feature_columns: tuple[str, ...]
+    label_column: str
+    width: int | None  # features per row when the schema fixes it (else checked by the scan)
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.feature_columns, self.label_column]
+
+
+@dataclass
+class FileStats:
+    """What the scan learned about one file."""
+
+    rows: int = 0
+    val_rows: int = 0
+    nonfinite: int = 0
+    label_min: int | None = None
+    label_max: int | None = None
+    width_min: int | None = None
+    width_max: int | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source:
+    """List the Parquet files at ``path`` and check their columns and types (footers only)."""
+    if "://" in path:
+        try:
+            fs, root = pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise DataError(f"data path {path!r} is not a URI pyarrow can open: {e}") from None
+    else:
+        fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"data path {path!r} does not exist")
+    if info.type == pafs.FileType.File:
+        files = [root]
+    else:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(
+            f.path
+            for f in found
+            if f.is_file
+            and f.path.endswith(".parquet")
+            and not os.path.basename(f.path).startswith((".", "_"))
+        )
+    if not files:
+        raise DataError(f"no Parquet files (*.parquet) under data path {path!r}")
+    width = None
+    for file in files:
+        file_width = _check_schema(fs, file, tuple(feature_columns), label_column)
+        if width is not None and file_width is not None and file_width != width:
+            raise DataError(
+                f"{file}: {file_width} features per row, but {files[0]} has {width}; every file "
+                "needs the same features"
+            )
+        width = width if file_width is None else file_width
+    return Source(fs, tuple(files), tuple(feature_columns), label_column, width)
+
+
+def _check_schema(
+    fs: pafs.FileSystem, file: str, feature_columns: tuple[str, ...], label: str
+) -> int | None:
+    try:
+        schema = pq.read_schema(file, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{file}: not a readable Parquet file ({e})") from None
+    names = schema.names
+    for column in (*feature_columns, label):
+        if column not in names:
+            raise DataError(
+                f"{file}: no column {column!r} (it has {', '.join(names)}); set "
+                "data.feature_columns and data.label_column to the right names"
+            )
+    label_type = schema.field(label).type
+    if not pa.types.is_integer(label_type):
+        raise DataError(
+            f"{file}: label column {label!r} is {label_type}; labels must be integers "
+            "0..classes-1"
+        )
+    if len(feature_columns) == 1:
+        column = feature_columns[0]
+        kind = schema.field(column).type
+        if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(
+            kind
+        ):
+            if not _numeric(kind.value_type):
+                raise DataError(
+                    f"{file}: feature column {column!r} is {kind}; features must be numbers"
+                )
+            return kind.list_size if pa.types.is_fixed_size_list(kind) else None
+    for column in feature_columns:
+        kind = schema.field(column).type
+        if not _numeric(kind):
+            raise DataError(
+                f"{file}: feature column {column!r} is {kind}; features must be numbers (one "
+                "fixed-size list column, or one numeric column per feature)"
+            )
+    return len(feature_columns)
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_floating(kind) or pa.types.is_integer(kind)
+
+
+def features_of(batch: pa.Table, feature_columns: Sequence[str]) -> np.ndarray | None:
+    """The features of a batch as a float32 (rows, features) array; None if lists are ragged."""
+    if len(feature_columns) == 1:
+        column = batch.column(feature_columns[0]).combine_chunks()
+        kind = column.type
+        if pa.types.is_fixed_size_list(kind):
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            return values.astype(np.float32, copy=False).reshape(len(column), kind.list_size)
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            if len(lengths) and lengths.min() != lengths.max():
+                return None
+            width = int(lengths[0]) if len(lengths) else 0
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            return values.astype(np.float32, copy=False).reshape(len(column), width)
+    return np.stack(
+        [batch.column(c).to_numpy(zero_copy_only=False) for c in feature_columns], axis=1
+    ).astype(np.float32, copy=False)
+
+
+def in_validation(x: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each row belongs to the held-out split: a hash of its feature bits, so the split is
+    the same on every pass and every node, needs no row index, and holds ~fraction of the rows."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    weights = (np.arange(bits.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B1)) | np.uint64(1)
+    h = (bits * weights).sum(axis=1, dtype=np.uint64)
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(29)
+    return (h % np.uint64(_BUCKETS)) < np.uint64(round(fraction * _BUCKETS))
+
+
+def scan_batch(
+    batch: pa.Table, feature_columns: Sequence[str], label_column: str, val_fraction: float
+) -> pa.Table:
+    """Per-file statistics of one batch (a Ray Data map_batches function)."""
+    out: dict[str, list] = {k: [] for k in ("path", "rows", "val_rows", "nonfinite", "label_min",
+                                            "label_max", "width_min", "width_max")}  # fmt: skip
+    paths = batch.column(_PATH).to_numpy(zero_copy_only=False)
+    for path in np.unique(paths):
+        part = batch.filter(pa.array(paths == path))
+        labels = part.column(label_column).to_numpy(zero_copy_only=False)
+        x = features_of(part, feature_columns)
+        if x is None:  # ragged lists
+            column = part.column(feature_columns[0]).combine_chunks()
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            widths, nonfinite, val_rows = (int(lengths.min()), int(lengths.max())), 0, 0
+        else:
+            widths = (x.shape[1], x.shape[1])
+            nonfinite = int((~np.isfinite(x)).any(axis=1).sum())
+            val_rows = int(in_validation(x, val_fraction).sum()) if val_fraction else 0
+        for key, value in (
+            ("path", str(path)),
+            ("rows", len(labels)),
+            ("val_rows", val_rows),
+            ("nonfinite", nonfinite),
+            ("label_min", int(labels.min()) if len(labels) else 0),
+            ("label_max", int(labels.max()) if len(labels) else 0),
+            ("width_min", widths[0]),
+            ("width_max", widths[1]),
+        ):
+            out[key].append(value)
+    return pa.table(out)
+
+
+def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
+    """One streaming pass over every row: per-file statistics, and DataError for bad rows."""
+    import ray.data
+
+    rows = (
+        ray.data.read_parquet(
+            list(source.files),
+            filesystem=source.filesystem,
+            columns=source.columns,
+            include_paths=True,
+        )
+        .map_batches(
+            scan_batch,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "feature_columns": source.feature_columns,
+                "label_column": source.label_column,
+                "val_fraction": val_fraction,
+            },
+        )
+        .take_all()
+    )
+    stats = {file: FileStats() for file in source.files}
+    for row in rows:
+        s = stats.setdefault(_match(row["path"], stats), FileStats())
+        s.rows += row["rows"]
+        s.val_rows += row["val_rows"]
+        s.nonfinite += row["nonfinite"]
+        s.label_min = _fold(min, s.label_min, row["label_min"])
+        s.label_max = _fold(max, s.label_max, row["label_max"])
+        s.width_min = _fold(min, s.width_min, row["width_min"])
+        s.width_max = _fold(max, s.width_max, row["width_max"])
+    _raise_for_bad_rows(source, stats)
+    return stats
+
+
+def _match(path: str, stats: dict[str, FileStats]) -> str:
+    # Ray Data reports paths without a URI scheme; match them to the listed files.
+    if path in stats:
+        return path
+    return next((f for f in stats if f.endswith(path) or path.endswith(f)), path)
+
+
+def _fold(op, current, value):
+    return value if current is None else op(current, value)
+
+
+def _raise_for_bad_rows(source: Source, stats: dict[str, FileStats]) -> None:
+    features = ", ".join(source.feature_columns)
+    widths = set()
+    for file, s in stats.items():
+        if s.rows == 0:
+            continue
+        if s.width_min != s.width_max:
+            raise DataError(
+                f"{file}: feature column {features!r} has rows of {s.width_min} to {s.width_max} "
+                "features; every row needs the same number"
+            )
+        if s.nonfinite:
+            raise DataError(
+                f"{file}: {s.nonfinite} row(s) have NaN or infinite values in feature column(s) "
+                f"{features!r}; clean or drop them"
+            )
+        if s.label_min < 0:
+            raise DataError(
+                f"{file}: label column {source.label_column!r} has label {s.label_min}; labels "
+                "must be 0..classes-1"
+            )
+        widths.add(s.width_min)
+    if not any(s.rows for s in stats.values()):
+        raise DataError(f"the Parquet files under {source.files[0]!r} and the rest hold no rows")
+    if len(widths) > 1:
+        raise DataError(f"files have different numbers of features per row: {sorted(widths)}")
+
+
+def to_xy(
+    batch: pa.Table,
+    feature_columns: Sequence[str],
+    label_column: str,
+    val_fraction: float = 0.0,
+    keep: str = "all",
+) -> pa.Table:
+    """A batch as the standard ``x`` (fixed-size list of float32) / ``y`` (int64) columns.
+
+    ``keep`` is "train" or "val" to keep one side of the hashed validation split, or "all".
+    """
+    x = features_of(batch, feature_columns)
+    y = batch.column(label_column).to_numpy(zero_copy_only=False).astype(np.int64)
+    if keep != "all":
+        held_out = in_validation(x, val_fraction)
+        rows = held_out if keep == "val" else ~held_out
+        x, y = x[rows], y[rows]
+    flat = pa.array(np.ascontiguousarray(x).reshape(-1))
+    return pa.table(
+        {FEATURES: pa.FixedSizeListArray.from_arrays(flat, x.shape[1]), LABEL: pa.array(y)}
+    )
