@@ -106,7 +106,8 @@ def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
     hashed = 0.0 if cfg.val_path else cfg.val_fraction
     train_stats = parquet.scan(train_source, hashed)
     rows = sum(s.rows for s in train_stats.values())
-    val_rows = sum(s.val_rows for s in train_stats.values())
+    held_out = sum(s.val_rows for s in train_stats.values())  # 0 with a separate val_path
+    val_rows = held_out
     width = next(s.width_min for s in train_stats.values() if s.rows)
     classes = max(s.label_max for s in train_stats.values() if s.rows) + 1
     kwargs = {"feature_columns": train_source.feature_columns,
@@ -137,7 +138,7 @@ def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
             parquet.to_xy, batch_format="pyarrow",
             fn_kwargs={**kwargs, "val_fraction": hashed, "keep": "val"},
         )  # fmt: skip
-    train_rows = rows - val_rows
+    train_rows = rows - held_out
     if train_rows < workers or val_rows < 1:
         raise parquet.DataError(
             f"data path {cfg.path!r} gives {train_rows} training and {val_rows} validation rows; "

@@ -193,6 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, run_dir = prepare(args)
     except UserError as e:
         return _error(str(e))
+    if ":" in cfg.model.name:
+        from raytrain.model import load_model_class
+
+        try:  # a model that cannot be imported is said before Ray starts
+            load_model_class(cfg.model.name)
+        except UserError as e:
+            _discard_if_unused(run_dir) if args.resume is None else None
+            return _error(str(e))
 
     # Imported here so that bad input is reported before torch and Ray are loaded.
     import ray.train

@@ -1,0 +1,103 @@
+"""Data at scale: does the driver's memory stay flat as the data grows; how fast do workers ingest?
+
+For each size it generates the synthetic data set as Parquet (python -m raytrain.data generate),
+then trains one epoch with 2 workers, streaming (python -m raytrain.main ... --set
+data.ingest=stream), and reads from the run's results: the driver's peak RSS, each worker's
+ingest throughput (rows/s; the model is the tutorial's tiny linear one and the batch is large, so
+the epoch is bound by ingest, not compute), the epoch time and the phases.
+
+    python scripts/bench_data.py                       # 10^5, 10^6, 10^7 rows
+    python scripts/bench_data.py --sizes 1e5 1e6 1e7 1e8 --work-dir /big/disk
+
+Prints a table and writes bench-results/data.json. Generated data is kept in --work-dir and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e5, 1e6, 1e7])
+    parser.add_argument("--work-dir", default="/tmp/raytrain-bench-data")
+    parser.add_argument("--out", default=str(ROOT / "bench-results" / "data.json"))
+    parser.add_argument("--batch-size", type=int, default=4096)
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    rows_out = []
+    for size in args.sizes:
+        rows = int(size)
+        data_dir = work / f"rows-{rows}"
+        if not any(data_dir.glob("*.parquet")):
+            started = time.perf_counter()
+            run([sys.executable, "-m", "raytrain.data", "generate", "--rows", str(rows),
+                 "--out", str(data_dir)])  # fmt: skip
+            generated = time.perf_counter() - started
+        else:
+            generated = None
+        disk_mb = sum(f.stat().st_size for f in data_dir.glob("*.parquet")) / 1e6
+        storage = work / "runs"
+        name = f"bench-{rows}-{int(time.time())}"
+        started = time.perf_counter()
+        run([sys.executable, "-m", "raytrain.main", "--workers", "2", "--epochs", "1",
+             "--batch-size", str(args.batch_size), "--set", f"data.path={data_dir}",
+             "--set", "data.ingest=stream", "--no-report", "--storage-path", str(storage),
+             "--name", name])  # fmt: skip
+        wall = time.perf_counter() - started
+        results = json.loads((storage / name / "results.json").read_text())
+        epoch = [json.loads(line) for line in (storage / name / "metrics.jsonl").open()][-1]
+        per_worker = [w["samples_per_s"] for w in epoch["workers"]]
+        rows_out.append(
+            {
+                "rows": rows,
+                "parquet_mb": round(disk_mb, 1),
+                "generate_s": round(generated, 1) if generated is not None else None,
+                "train_rows": epoch["rows"],
+                "driver_peak_rss_mb": round(results["driver_peak_rss_mb"], 1),
+                "ingest_rows_per_s_per_worker": round(statistics.median(per_worker)),
+                "epoch_s": round(epoch["epoch_time_s"], 2),
+                "wall_s": round(wall, 1),
+                "phases_s": {k: round(v, 2) for k, v in results["phases"].items()},
+            }
+        )
+        print(f"done: {rows:,} rows", file=sys.stderr)
+    header = ("rows", "Parquet MB", "driver peak RSS MB", "ingest rows/s/worker", "epoch s",
+              "wall s")  # fmt: skip
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for r in rows_out:
+        print(f"{r['rows']:,} | {r['parquet_mb']:,.1f} | {r['driver_peak_rss_mb']:,.0f} | "
+              f"{r['ingest_rows_per_s_per_worker']:,} | {r['epoch_s']} | {r['wall_s']}")
+    base = rows_out[0]["driver_peak_rss_mb"]
+    growth = max(r["driver_peak_rss_mb"] for r in rows_out) / base - 1
+    print(f"driver peak RSS grows {growth:+.0%} from the smallest to the largest size")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores",
+        "command": " ".join(sys.argv), "workers": 2, "batch_size": args.batch_size,
+        "sizes": rows_out, "driver_rss_growth": growth,
+    }  # fmt: skip
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
