@@ -182,6 +182,7 @@ def run(
         },
         "phases": phases(
             read_metrics(run_dir),
+            ray_start=plan.ray_start_s,
             data_preparation=prepared - started,
             fit_window=(fit_started, fit_ended),
             validation=validated - trained,
@@ -198,23 +199,36 @@ def run(
 
 def phases(
     rows: list[dict[str, Any]],
+    ray_start: float,
     data_preparation: float,
     fit_window: tuple[float, float],
     validation: float,
 ) -> dict[str, float]:
-    """Seconds per phase of this run, measured: building the datasets on the driver; start-up
-    (workers, model definition, each worker's copy of the data) until the first epoch of this
-    run began; training until the last epoch was reported; teardown until fit() returned;
-    validation on the driver."""
+    """Seconds per phase of this run, measured: starting or joining Ray; building the datasets on
+    the driver; starting the worker processes (until the slowest entered the training loop);
+    defining the model and optimizer; wrapping it in DDP; each worker's copy of its data; training
+    until the
+    last epoch was reported; teardown until fit() returned; validation on the driver."""
     fit_started, fit_ended = fit_window
     mine = [row for row in rows if row["time"] >= fit_started]  # a resumed run's epochs only
     if not mine:
-        return {"data_preparation": data_preparation, "validation": validation}
-    first_epoch = min(w["started_at"] for w in mine[0]["workers"] if "started_at" in w)
+        return {"ray_start": ray_start, "data_preparation": data_preparation,
+                "validation": validation}  # fmt: skip
+    workers = mine[0]["workers"]
+    first_epoch = min(w["started_at"] for w in workers)
+    loop_start, model_built, model_ready, data_ready = (
+        max(w.get(key, first_epoch) for w in workers)
+        for key in ("loop_start", "model_built", "model_ready", "data_ready")
+    )
     last_report = mine[-1]["time"]
     return {
+        "ray_start": ray_start,
         "data_preparation": data_preparation,
-        "startup": first_epoch - fit_started,
+        "worker_startup": loop_start - fit_started,
+        # Includes the optimizer, whose first construction imports torch._dynamo (~1.3 s CPU).
+        "model_definition": model_built - loop_start,
+        "ddp_setup": model_ready - model_built,
+        "worker_data_copy": data_ready - model_ready,
         "training": last_report - first_epoch,
         "teardown": fit_ended - last_report,
         "validation": validation,

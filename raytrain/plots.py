@@ -18,9 +18,15 @@ from typing import Any
 
 # results.json "phases": seconds per phase of the run, in the order they happen.
 PHASES = {
+    "ray_start": "Ray start-up",
     "data_preparation": "data preparation",
-    "startup": "start-up (model, workers)",
+    "startup": "start-up (model, workers)",  # runs before the finer split below
+    "worker_startup": "worker start-up",
+    "model_definition": "model definition",
+    "ddp_setup": "DDP set-up",
+    "worker_data_copy": "data copy (workers)",
     "training": "training",
+    "teardown": "teardown",
     "validation": "validation",
 }
 

@@ -96,10 +96,12 @@ def streamed_batches(shard, local_batch: int, seed: int, epoch: int, rank: int, 
 def train_epoch(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, world: int
 ) -> dict[str, float]:
-    """One epoch over this worker's batches; returns its own loss sum, correct count and rows."""
+    """One epoch over this worker's batches; returns its own loss sum, correct count, rows and the
+    seconds spent in forward, backward and the optimizer step (the rest is waiting for data)."""
     model.train()
-    loss_sum = correct = seen = 0.0
+    loss_sum = correct = seen = compute = 0.0
     for xb, yb, global_rows in batches:
+        step_started = time.perf_counter()
         logits = model(xb)
         summed = F.cross_entropy(logits, yb, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
@@ -109,7 +111,8 @@ def train_epoch(
         loss_sum += summed.item()
         correct += (logits.argmax(dim=1) == yb).sum().item()
         seen += len(yb)
-    return {"loss_sum": loss_sum, "correct": correct, "rows": seen}
+        compute += time.perf_counter() - step_started
+    return {"loss_sum": loss_sum, "correct": correct, "rows": seen, "compute_s": compute}
 
 
 def _die_once(rank: int, epoch: int, run_dir: str) -> None:
@@ -147,6 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     import ray.train
     import ray.train.torch
 
+    timeline = {"loop_start": time.time()}
     args = loop_config["args"]
     cfg = args.config
     ctx = ray.train.get_context()
@@ -167,14 +171,17 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"]
+    timeline["model_built"] = time.time()
     # Wraps in DDP (gloo on CPU) only when world > 1; DDP also broadcasts rank 0's weights.
     model = ray.train.torch.prepare_model(model)
+    timeline["model_ready"] = time.time()
 
     shard = ray.train.get_dataset_shard("train")
     if args.ingest == "memory":
         # Small enough to hold: copy the split into tensors once, instead of paying a Ray Data
         # pipeline start-up every epoch.
         x, y = read_tensors(shard.iter_torch_batches(batch_size=_READ_BATCH))
+    timeline["data_ready"] = time.time()
 
     config_dict = cfg.to_dict()
     every = cfg.train.checkpoint_every
@@ -201,6 +208,8 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
                 "node_id": node_id,
                 "node_ip": node_ip,
                 "started_at": started_at,
+                "compute_s": local["compute_s"],
+                **(timeline if epoch == start_epoch else {}),
                 "loss": local["loss_sum"] / max(local["rows"], 1),
                 "accuracy": local["correct"] / max(local["rows"], 1),
                 "rows": int(local["rows"]),
