@@ -29,6 +29,7 @@ from raytrain.runs import storage_dir
 _POLL_INTERVAL_S = "0.05"
 _PROBE_TIMEOUT_S = 5.0
 _DATA_CPUS = 1
+_BLOCK_BYTES = 8 * 1024 * 1024
 
 
 class ClusterError(UserError):
@@ -248,6 +249,9 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
         # address="local" always starts a private instance, never joins another one on this host.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     data_ctx = DataContext.get_current()
+    # Small blocks: what the driver buffers while it validates stays small however large a
+    # Parquet file is (a block is read whole).
+    data_ctx.target_max_block_size = _BLOCK_BYTES
     data_ctx.enable_progress_bars = verbose
     data_ctx.print_on_execution_start = verbose
 

@@ -155,7 +155,9 @@ def run(
     model = build_model(cfg.model, datasets.features, datasets.classes)
     model.load_state_dict(state["model"])
     validation = evaluate(
-        model, datasets.val.iter_torch_batches(batch_size=_VAL_BATCH), datasets.classes
+        model,
+        datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0),
+        datasets.classes,
     )
     validation["validated_by"] = {
         "pid": os.getpid(),
