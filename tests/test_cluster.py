@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,10 +103,14 @@ class RayCluster:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    cluster = RayCluster(tmp_path_factory.mktemp("cluster"), [1, 1, 1])
+def ray_cluster():
+    # A short directory: Ray's Unix socket paths under it must stay within 107 bytes, which a
+    # pytest tmp_path does not always leave room for.
+    tmp = Path(tempfile.mkdtemp(prefix="rtc-", dir="/tmp"))
+    cluster = RayCluster(tmp, [1, 1, 1])
     yield cluster
     cluster.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def raytrain(cluster: RayCluster, *args: str, env: dict | None = None, timeout: float = 300):
