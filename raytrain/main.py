@@ -199,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # a model that cannot be imported is said before Ray starts
             load_model_class(cfg.model.name)
         except UserError as e:
-            _discard_if_unused(run_dir) if args.resume is None else None
+            if args.resume is None:
+                _discard_if_unused(run_dir)
             return _error(str(e))
 
     # Imported here so that bad input is reported before torch and Ray are loaded.

@@ -99,7 +99,10 @@ def train_epoch(
     """One epoch over this worker's batches; returns its own loss sum, correct count, rows and the
     seconds spent in forward, backward and the optimizer step (the rest is waiting for data)."""
     model.train()
-    loss_sum = correct = seen = compute = 0.0
+    # Summed on tensors and read once per epoch: an .item() per step would sync every step.
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    seen = compute = 0.0
     for xb, yb, global_rows in batches:
         step_started = time.perf_counter()
         logits = model(xb)
@@ -108,11 +111,16 @@ def train_epoch(
         # DDP divides by world; this makes the step's gradient the mean over the global batch.
         (summed * (world / global_rows)).backward()
         optimizer.step()
-        loss_sum += summed.item()
-        correct += (logits.argmax(dim=1) == yb).sum().item()
+        loss_sum += summed.detach()
+        correct += (logits.argmax(dim=1) == yb).sum()
         seen += len(yb)
         compute += time.perf_counter() - step_started
-    return {"loss_sum": loss_sum, "correct": correct, "rows": seen, "compute_s": compute}
+    return {
+        "loss_sum": loss_sum.item(),
+        "correct": float(correct.item()),
+        "rows": seen,
+        "compute_s": compute,
+    }
 
 
 def _die_once(rank: int, epoch: int, run_dir: str) -> None:

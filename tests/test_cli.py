@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from .conftest import ROOT
+from .conftest import run_module
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [sys.executable, "-m", "raytrain.main", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=timeout,
-    )
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_module("raytrain.main", *args)
 
 
 def test_four_workers_on_two_cores(tmp_path):

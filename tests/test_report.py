@@ -16,7 +16,6 @@ import queue
 import re
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from raytrain import report
 from raytrain.config import Config
 from raytrain.report import Console, Follower, MetricsLog, read_metrics, write_results
 
-from .conftest import ROOT
+from .conftest import run_module
 
 NODE = "7e858184a603ad0f1e223df89491f4ba336f951ed0be3290d833356c"
 
@@ -330,15 +329,7 @@ def test_console_on_a_terminal_shows_a_live_bar_above_which_epochs_stay(tmp_path
 
 
 def run_report(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [sys.executable, "-m", "raytrain.report", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    return run_module("raytrain.report", *args, timeout=120)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
