@@ -246,6 +246,10 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
     if address:
         ray.init(address=address, runtime_env=_code_runtime_env(), **common)
     else:
+        # A private instance on one machine: no node can be preempted or drained, so Ray Train's
+        # preemption watcher (an actor process of its own, ~110 MB) would watch for nothing. The
+        # processes Ray starts here inherit this environment.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # address="local" always starts a private instance, never joins another one on this host.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     data_ctx = DataContext.get_current()
