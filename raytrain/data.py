@@ -78,6 +78,10 @@ class Datasets:
     val_rows: int
     ingest: str  # "memory" or "stream"
     source: str  # for the console header
+    # In memory: the training split's Arrow blocks in Ray's object store, made once; every worker
+    # fetches them at start-up (no Ray Data pipeline runs on the workers). Streamed: empty, and
+    # Ray Train hands each worker a shard of ``train``.
+    blocks: tuple[ray.ObjectRef, ...] = ()
 
 
 def build_datasets(cfg: DataConfig, workers: int = 1) -> Datasets:
@@ -88,8 +92,9 @@ def build_datasets(cfg: DataConfig, workers: int = 1) -> Datasets:
     """
     if cfg.path is None:
         split = make_synthetic(cfg)
+        block = ray.put(to_arrow(split.train_x, split.train_y))
         return Datasets(
-            train=ray.data.from_arrow(to_arrow(split.train_x, split.train_y)),
+            train=ray.data.from_arrow_refs([block]),
             val=ray.data.from_arrow(to_arrow(split.val_x, split.val_y)),
             features=cfg.features,
             classes=cfg.classes,
@@ -97,6 +102,7 @@ def build_datasets(cfg: DataConfig, workers: int = 1) -> Datasets:
             val_rows=len(split.val_y),
             ingest="memory",
             source=f"synthetic ({cfg.labels} labels), {cfg.samples} rows",
+            blocks=(block,),
         )
     return _parquet_datasets(cfg, workers)
 
@@ -148,6 +154,11 @@ def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
     ingest = cfg.ingest
     if ingest == "auto":
         ingest = "memory" if megabytes <= cfg.memory_limit_mb else "stream"
+    blocks: tuple[ray.ObjectRef, ...] = ()
+    if ingest == "memory":
+        # Read and converted once, here, rather than by every worker.
+        blocks = tuple(train.to_arrow_refs())
+        train = ray.data.from_arrow_refs(list(blocks))
     return Datasets(
         train=train,
         val=val,
@@ -158,6 +169,7 @@ def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
         ingest=ingest,
         source=f"Parquet {cfg.path} ({len(train_source.files)} files, {rows:,} rows, "
         f"{megabytes:,.0f} MB training split, {ingest} ingest)",
+        blocks=blocks,
     )
 
 
@@ -167,15 +179,14 @@ def _read(source: parquet.Source) -> ray.data.Dataset:
     )
 
 
-def read_tensors(batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate torch batches (dicts with ``x`` and ``y``) into two tensors."""
-    xs, ys = [], []
-    for batch in batches:
-        xs.append(batch[FEATURES])
-        ys.append(batch[LABEL])
-    if not xs:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
-    return torch.cat(xs), torch.cat(ys)
+def to_tensors(tables: list[pa.Table]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of Arrow tables with ``x`` and ``y`` columns as two tensors of their own (copied:
+    tables fetched from the object store are read-only views of it)."""
+    table = pa.concat_tables(tables)
+    features = table.schema.field(FEATURES).type.list_size
+    x = table.column(FEATURES).combine_chunks().flatten().to_numpy()
+    y = table.column(LABEL).to_numpy()
+    return torch.tensor(x).view(-1, features), torch.tensor(y)
 
 
 # ---- generating Parquet data: python -m raytrain.data generate --rows N --out DIR ---------------

@@ -20,15 +20,9 @@ from raytrain.config import Config
 from raytrain.data import Datasets, build_datasets
 from raytrain.errors import UserError
 from raytrain.evaluate import evaluate
+from raytrain.metrics import Follower, read_metrics
 from raytrain.model import build_model
-from raytrain.report import (
-    Console,
-    Follower,
-    MetricsLog,
-    read_metrics,
-    write_report,
-    write_results,
-)
+from raytrain.report import Console, write_report, write_results
 from raytrain.worker import LoopArgs, train_loop_per_worker
 
 _VAL_BATCH = 4096
@@ -53,6 +47,7 @@ def build_trainer(
         run_dir=str(run_dir),
         fail_at=fail_at,
         ingest=datasets.ingest,
+        blocks=datasets.blocks,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -74,15 +69,12 @@ def build_trainer(
                 # never be placed would retry forever.
                 controller_failure_limit=1,
             ),
-            callbacks=[MetricsLog(str(run_dir))],
             logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
         ),
-        datasets={"train": datasets.train},
-        # In memory, every worker reads the whole training split once and trains on its own rows
-        # of each global batch (see worker.py); streamed, each worker gets an equal shard.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"] if datasets.ingest == "stream" else []
-        ),
+        # In memory, every worker fetches the training split's blocks once (LoopArgs.blocks) and
+        # trains on its own rows of each global batch (see worker.py); streamed, Ray Train hands
+        # each worker an equal shard of the Ray Dataset.
+        datasets={"train": datasets.train} if datasets.ingest == "stream" else None,
     )
 
 
@@ -209,8 +201,8 @@ def phases(
     """Seconds per phase of this run, measured: starting or joining Ray; building the datasets on
     the driver; starting the worker processes (until the slowest entered the training loop);
     defining the model and optimizer; wrapping it in DDP; each worker's copy of its data; training
-    until the
-    last epoch was reported; teardown until fit() returned; validation on the driver."""
+    until the last epoch's row was written; teardown until fit() returned; validation on the
+    driver."""
     fit_started, fit_ended = fit_window
     mine = [row for row in rows if row["time"] >= fit_started]  # a resumed run's epochs only
     if not mine:
@@ -222,7 +214,7 @@ def phases(
         max(w.get(key, first_epoch) for w in workers)
         for key in ("loop_start", "model_built", "model_ready", "data_ready")
     )
-    last_report = mine[-1]["time"]
+    last_epoch = mine[-1]["time"]
     return {
         "ray_start": ray_start,
         "data_preparation": data_preparation,
@@ -231,7 +223,7 @@ def phases(
         "model_definition": model_built - loop_start,
         "ddp_setup": model_ready - model_built,
         "worker_data_copy": data_ready - model_ready,
-        "training": last_report - first_epoch,
-        "teardown": fit_ended - last_report,
+        "training": last_epoch - first_epoch,
+        "teardown": fit_ended - last_epoch,
         "validation": validation,
     }

@@ -23,7 +23,8 @@ from raytrain import checkpoint, config, runs
 from raytrain.cluster import Plan, connect
 from raytrain.config import FLAG_FIELDS, Config, field_help
 from raytrain.errors import UserError
-from raytrain.report import Console, read_metrics
+from raytrain.metrics import read_metrics
+from raytrain.report import Console
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

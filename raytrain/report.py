@@ -1,41 +1,24 @@
-"""What a run leaves behind and shows: the metrics file, TensorBoard events, the console view, the
-results file, the report, the list of runs.
+"""What a run shows: the console view, the results file, the report, the list of runs.
 
     python -m raytrain.report runs/run-20261127-031516-c654   # report.png + report.html in it
     python -m raytrain.report --list runs                     # the runs under a storage path
 
-``metrics.jsonl`` in the run directory gets one JSON object per epoch while training runs, written
-by a Ray Train callback on the controller (which Ray places on the driver's node). Fields:
-
-- ``epoch`` (1-based), ``loss``, ``accuracy``: over all workers' rows, weighted by rows;
-- ``rows``, ``epoch_time_s`` (the slowest worker's), ``samples_per_s`` (rows / epoch_time_s);
-- ``checkpoint``: the checkpoint's path when this epoch wrote one, else null;
-- ``time``: Unix time the controller received the epoch;
-- ``workers``: per worker ``rank``, ``node_id``, ``loss``, ``accuracy``, ``rows``,
-  ``epoch_time_s``, ``samples_per_s``.
-
-The same callback writes TensorBoard event files to ``tensorboard/`` in the run directory
-(``tensorboard --logdir RUN_DIR/tensorboard``), step = epoch: ``train/loss``, ``train/accuracy``,
-``perf/samples_per_s``, ``perf/epoch_time_s`` and per worker ``perf/samples_per_s/rank{r}`` and
-``perf/epoch_time_s/rank{r}``.
+What goes in ``metrics.jsonl`` and the TensorBoard events: see raytrain.metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ray.train import UserCallback
 from rich.console import Console as RichConsole
 from rich.progress import (
     BarColumn,
@@ -51,139 +34,11 @@ from rich.text import Text
 from raytrain import plots, runs
 from raytrain.config import Config
 from raytrain.errors import UserError
+from raytrain.metrics import METRICS_FILE, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
-TENSORBOARD_DIR = "tensorboard"
 REPORT_PNG = "report.png"
 REPORT_HTML = "report.html"
-
-
-class MetricsLog(UserCallback):
-    """Appends one line per epoch to ``metrics.jsonl`` and the epoch's scalars to TensorBoard as
-    soon as all workers have reported.
-
-    Ray pickles this object to the controller, so the TensorBoard writer (an open file) is
-    created there, on the first epoch, never on the driver.
-    """
-
-    def __init__(self, run_dir: str):
-        self.path = str(Path(run_dir) / METRICS_FILE)
-        self.tensorboard_dir = str(Path(run_dir) / TENSORBOARD_DIR)
-        self._writer = None
-        self._last_epoch = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_writer"] = None  # an open file and a lock: never shipped
-        return state
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        first = metrics[0]
-        row = {key: value for key, value in first.items() if key != "worker"}
-        row["checkpoint"] = checkpoint.path if checkpoint is not None else None
-        row["time"] = time.time()
-        row["workers"] = [m["worker"] for m in metrics]
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._tensorboard(row)
-
-    def _tensorboard(self, row: dict[str, Any]) -> None:
-        # Slow to import (it loads torch); only the controller needs it.
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-        from tensorboardX.proto.summary_pb2 import Summary
-
-        epoch, now = row["epoch"], time.time()
-        if self._writer is not None and epoch <= self._last_epoch:
-            self._writer.close()  # epochs trained again after a restart: a new file, below
-            self._writer = None
-        if self._writer is None:
-            Path(self.tensorboard_dir).mkdir(parents=True, exist_ok=True)
-            self._writer = EventsWriter(
-                str(Path(self.tensorboard_dir) / "events"),
-                # Event file names carry only the second and the host: keep two writers of one
-                # run (a restarted controller, a resumed run) from truncating each other's file.
-                filename_suffix=f".{os.getpid()}.{secrets.token_hex(3)}",
-            )
-            # With this marker TensorBoard drops the values at this and later steps that earlier
-            # files hold (a resumed run, epochs trained again after a restart), so it shows the
-            # epochs the final model went through. SummaryWriter(purge_step=...) writes the same.
-            self._writer.write_event(
-                Event(wall_time=now, step=epoch, session_log=SessionLog(status=SessionLog.START))
-            )
-        self._last_epoch = epoch
-        scalars = {
-            "train/loss": row["loss"],
-            "train/accuracy": row["accuracy"],
-            "perf/samples_per_s": row["samples_per_s"],
-            "perf/epoch_time_s": row["epoch_time_s"],
-        }
-        for worker in row["workers"]:
-            scalars[f"perf/samples_per_s/rank{worker['rank']}"] = worker["samples_per_s"]
-            scalars[f"perf/epoch_time_s/rank{worker['rank']}"] = worker["epoch_time_s"]
-        summary = Summary(
-            value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
-        )
-        self._writer.write_event(Event(wall_time=now, step=epoch, summary=summary))
-        # TensorBoard reads the files while training runs: each epoch is on disk when it ends.
-        # (tensorboardX's SummaryWriter writes from a queue on a thread of its own, and its
-        # flush() does not wait for that queue, so an epoch could stay unwritten for minutes.)
-        self._writer.flush()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl, one per epoch (empty if it has none yet).
-
-    An epoch trained again after a restart appears twice in the file; the later line wins. A
-    last line without its newline is still being written, and not yet a row.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    by_epoch = {}
-    for line in path.read_text().split("\n")[:-1]:
-        if line.strip():
-            row = json.loads(line)
-            by_epoch[row["epoch"]] = row
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
-
-
-class Follower:
-    """Calls ``on_row`` for every line added to metrics.jsonl, from a background thread."""
-
-    def __init__(self, run_dir: str | Path, on_row: Callable[[dict[str, Any]], None]):
-        self.path = Path(run_dir) / METRICS_FILE
-        self.on_row = on_row
-        self._stop = threading.Event()
-        # A resumed run's earlier epochs are history, not progress.
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
-        self._thread = threading.Thread(target=self._loop, name="raytrain-follow", daemon=True)
-
-    def __enter__(self) -> Follower:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._poll()  # whatever arrived after the last poll
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.1):
-            self._poll()
-
-    def _poll(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path) as f:
-            f.seek(self._offset)
-            while True:
-                line = f.readline()
-                if not line.endswith("\n"):
-                    break  # a line still being written: read it next time
-                self._offset += len(line.encode())
-                self.on_row(json.loads(line))
 
 
 class Console:
@@ -283,8 +138,9 @@ class Console:
         self._arrivals.append((now, epoch))
         finish_at = None
         (t0, e0), (t1, e1) = self._arrivals[0], self._arrivals[-1]
-        # The pace between epochs as the driver sees them (reports wait on Ray Train's poll, so
-        # epoch_time_s alone would promise too much); the first epoch also paid the start-up.
+        # The pace between epochs as the driver sees them (epoch_time_s leaves out checkpoints
+        # and gathering the metrics, so alone it would promise too much); not from the first
+        # epoch's arrival alone, which also paid the start-up.
         if e1 > e0:
             finish_at = now + (epochs - epoch) * (t1 - t0) / (e1 - e0)
         self._progress.update(

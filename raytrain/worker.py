@@ -34,11 +34,9 @@ import torch.nn.functional as F
 
 from raytrain import checkpoint
 from raytrain.config import Config
-from raytrain.data import FEATURES, LABEL, read_tensors
+from raytrain.data import FEATURES, LABEL, to_tensors
+from raytrain.metrics import MetricsLog
 from raytrain.model import build_model
-
-# Rows read per batch when a worker copies the training split into memory once.
-_READ_BATCH = 65536
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,7 @@ class LoopArgs:
     classes: int
     run_dir: str
     ingest: str = "memory"  # or "stream": see raytrain.data
+    blocks: tuple = ()  # in memory: the training split's Arrow blocks (raytrain.data.Datasets)
     # (rank, epoch): that rank kills itself with SIGKILL when it starts that epoch (1-based),
     # once per run. For rehearsing recovery; see RAYTRAIN_FAIL_AT in the README.
     fail_at: tuple[int, int] | None = None
@@ -128,33 +127,59 @@ def _die_once(rank: int, epoch: int, run_dir: str) -> None:
     marker = Path(run_dir) / f".fault-injected-rank{rank}-epoch{epoch}"
     if marker.exists():
         return
-    # Die a moment into the epoch, as a real failure would, after Ray Train has collected the
-    # previous epoch's report (a report still queued in a dead process is lost with it).
+    # Die a moment into the epoch, as a real failure would.
     time.sleep(1.0)
     marker.write_text(json.dumps({"rank": rank, "epoch": epoch, "killed_at": time.time()}))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _global_totals(local: dict[str, float], seconds: float, world: int) -> dict[str, float]:
-    """Sum the workers' counts (and take the slowest epoch time) over all ranks."""
-    sums = torch.tensor([local["loss_sum"], local["correct"], local["rows"]], dtype=torch.float64)
-    slowest = torch.tensor([seconds], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    loss_sum, correct, rows = sums.tolist()
+# What each worker contributes to an epoch's row, gathered in one collective per epoch.
+_STATS = ("loss_sum", "correct", "rows", "epoch_time_s", "compute_s", "started_at")
+
+
+def gather_epoch(local: dict[str, float], world: int) -> list[dict[str, float]]:
+    """Every worker's numbers for this epoch (``_STATS``), indexed by rank, on every rank."""
+    mine = torch.tensor([local[key] for key in _STATS], dtype=torch.float64)
+    if world == 1:
+        return [dict(zip(_STATS, mine.tolist(), strict=True))]
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine)
+    return [dict(zip(_STATS, row.tolist(), strict=True)) for row in table]
+
+
+def epoch_totals(epoch: int, stats: list[dict[str, float]]) -> dict[str, Any]:
+    """The epoch over all workers: loss and accuracy weighted by rows, the slowest worker's time."""
+    rows = sum(s["rows"] for s in stats)
+    slowest = max(s["epoch_time_s"] for s in stats)
     return {
-        "loss": loss_sum / rows,
-        "accuracy": correct / rows,
+        "epoch": epoch,
+        "loss": sum(s["loss_sum"] for s in stats) / rows,
+        "accuracy": sum(s["correct"] for s in stats) / rows,
         "rows": int(rows),
-        "epoch_time_s": slowest.item(),
-        "samples_per_s": rows / slowest.item(),
+        "epoch_time_s": slowest,
+        "samples_per_s": rows / slowest,
+    }
+
+
+def worker_row(stats: dict[str, float], facts: dict[str, Any]) -> dict[str, Any]:
+    """One worker's part of an epoch's row in metrics.jsonl."""
+    rows = max(stats["rows"], 1)
+    return {
+        **facts,
+        "started_at": stats["started_at"],
+        "compute_s": stats["compute_s"],
+        "loss": stats["loss_sum"] / rows,
+        "accuracy": stats["correct"] / rows,
+        "rows": int(stats["rows"]),
+        "epoch_time_s": stats["epoch_time_s"],
+        "samples_per_s": stats["rows"] / stats["epoch_time_s"],
     }
 
 
 def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     """Ray Train's per-worker entry point (``loop_config = {"args": LoopArgs}``): resume if there
-    is a checkpoint, train, report every epoch."""
+    is a checkpoint, train; every epoch rank 0 writes the metrics row, and with a checkpoint all
+    ranks report to Ray Train."""
     import ray.train
     import ray.train.torch
 
@@ -184,12 +209,21 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     model = ray.train.torch.prepare_model(model)
     timeline["model_ready"] = time.time()
 
-    shard = ray.train.get_dataset_shard("train")
     if args.ingest == "memory":
-        # Small enough to hold: copy the split into tensors once, instead of paying a Ray Data
-        # pipeline start-up every epoch.
-        x, y = read_tensors(shard.iter_torch_batches(batch_size=_READ_BATCH))
+        # Small enough to hold: the split's blocks, copied into tensors once, instead of paying
+        # a Ray Data pipeline start-up every epoch.
+        x, y = to_tensors(ray.get(list(args.blocks)))
+    else:
+        shard = ray.train.get_dataset_shard("train")
     timeline["data_ready"] = time.time()
+
+    # Where every rank runs and how its start went: gathered once, written by rank 0.
+    start = {"rank": rank, "node_id": node_id, "node_ip": node_ip, **timeline}
+    starts = [start]
+    if world > 1:
+        starts = [{} for _ in range(world)]
+        dist.all_gather_object(starts, start)
+    log = MetricsLog(args.run_dir) if rank == 0 else None
 
     config_dict = cfg.to_dict()
     every = cfg.train.checkpoint_every
@@ -205,38 +239,31 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
             local_batch = cfg.train.batch_size // world
             batches = streamed_batches(shard, local_batch, cfg.train.seed, epoch, rank, world)
         local = train_epoch(model, optimizer, batches, world)
-        seconds = time.perf_counter() - started
-        totals = _global_totals(local, seconds, world)
+        local.update(epoch_time_s=time.perf_counter() - started, started_at=started_at)
+        stats = gather_epoch(local, world)
         done = epoch + 1
-        metrics: dict[str, Any] = {
-            "epoch": done,
-            **totals,
-            "worker": {
-                "rank": rank,
-                "node_id": node_id,
-                "node_ip": node_ip,
-                "started_at": started_at,
-                "compute_s": local["compute_s"],
-                **(timeline if epoch == start_epoch else {}),
-                "loss": local["loss_sum"] / max(local["rows"], 1),
-                "accuracy": local["correct"] / max(local["rows"], 1),
-                "rows": int(local["rows"]),
-                "epoch_time_s": seconds,
-                "samples_per_s": local["rows"] / seconds,
-            },
-        }
-        wants_checkpoint = done == cfg.train.epochs or (every > 0 and done % every == 0)
-        if wants_checkpoint and rank == 0:
-            with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as tmp:
-                checkpoint.save(
-                    tmp,
-                    model=model,
-                    optimizer=optimizer,
-                    epoch=done,
-                    config=config_dict,
-                    metrics=totals,
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            # Every rank reports the same number of times: report() is a barrier.
-            ray.train.report(metrics, checkpoint=None)
+        totals = epoch_totals(done, stats)
+
+        saved = None
+        if done == cfg.train.epochs or (every > 0 and done % every == 0):
+            # report() is a barrier: every rank calls it; rank 0 hands over the checkpoint.
+            if rank == 0:
+                with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as tmp:
+                    checkpoint.save(
+                        tmp,
+                        model=model,
+                        optimizer=optimizer,
+                        epoch=done,
+                        config=config_dict,
+                        metrics=totals,
+                    )
+                    ray.train.report(totals, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                saved = ray.train.get_checkpoint().path  # where Ray Train persisted it
+            else:
+                ray.train.report(totals, checkpoint=None)
+        if log is not None:
+            # The start-up times go with the first epoch of this start of the worker group.
+            first = epoch == start_epoch
+            places = [s if first else {k: s[k] for k in ("rank", "node_id", "node_ip")}
+                      for s in starts]  # fmt: skip
+            log.write(totals, [worker_row(s, p) for s, p in zip(stats, places, strict=True)], saved)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from raytrain import checkpoint, cluster, config, driver, runs
-from raytrain.report import Console, read_metrics
+from raytrain.metrics import read_metrics
+from raytrain.report import Console
 
 ROOT = Path(__file__).resolve().parent.parent
 

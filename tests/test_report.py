@@ -1,8 +1,9 @@
 """What a run leaves behind and shows, without Ray: the metrics file and TensorBoard events written
 by the real callback, the console view, the report command, the run list.
 
-Run directories are built from files: MetricsLog.after_report is called the way Ray Train's
-controller calls it, and results.json is written by write_results, as the driver does.
+Run directories are built from files: MetricsLog.write is called with rows made by the worker's own
+functions (epoch_totals, worker_row), as rank 0 does, and results.json is written by write_results,
+as the driver does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import base64
 import io
 import json
 import os
-import pickle
 import queue
 import re
 import struct
@@ -26,40 +26,38 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from raytrain import report
 from raytrain.config import Config
-from raytrain.report import Console, Follower, MetricsLog, read_metrics, write_results
+from raytrain.metrics import Follower, MetricsLog, read_metrics
+from raytrain.report import Console, write_results
+from raytrain.worker import epoch_totals, worker_row
 
 from .conftest import run_module
 
 NODE = "7e858184a603ad0f1e223df89491f4ba336f951ed0be3290d833356c"
 
 
-def worker_metrics(epoch: int, workers: int = 2) -> list[dict]:
-    """What each worker passes to ray.train.report for one epoch (see worker.py)."""
+def worker_stats(epoch: int, workers: int = 2) -> list[dict]:
+    """Each worker's numbers for one epoch, as gather_epoch hands them to every rank."""
     loss, accuracy = 0.7 / epoch, min(0.5 + 0.1 * epoch, 0.99)
-    local = [
+    rows = 400 // workers
+    return [
         {
-            "rank": rank,
-            "node_id": NODE,
-            "node_ip": "10.0.0.5",
-            "started_at": 1795749337.0 + epoch,
-            "loss": loss + 0.01 * rank,
-            "accuracy": accuracy,
-            "rows": 400 // workers,
+            "loss_sum": (loss + 0.01 * (rank - (workers - 1) / 2)) * rows,  # mean: loss
+            "correct": accuracy * rows,
+            "rows": rows,
             "epoch_time_s": 0.2 + 0.01 * rank + 0.001 * epoch,
-            "samples_per_s": (400 // workers) / (0.2 + 0.01 * rank + 0.001 * epoch),
+            "compute_s": 0.15,
+            "started_at": 1795749337.0 + epoch,
         }
         for rank in range(workers)
     ]
-    slowest = max(w["epoch_time_s"] for w in local)
-    totals = {
-        "epoch": epoch,
-        "loss": loss,
-        "accuracy": accuracy,
-        "rows": 400,
-        "epoch_time_s": slowest,
-        "samples_per_s": 400 / slowest,
-    }
-    return [{**totals, "worker": w} for w in local]
+
+
+def write_epoch(log: MetricsLog, epoch: int, saved: Checkpoint | None = None) -> dict:
+    """What rank 0 writes at the end of ``epoch``; returns the row."""
+    stats = worker_stats(epoch)
+    places = [{"rank": r, "node_id": NODE, "node_ip": "10.0.0.5"} for r in range(len(stats))]
+    workers = [worker_row(s, p) for s, p in zip(stats, places, strict=True)]
+    return log.write(epoch_totals(epoch, stats), workers, saved.path if saved else None)
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Checkpoint:
@@ -76,7 +74,7 @@ def train_files(run_dir: Path, epochs: int, checkpoint_every: int = 2) -> Metric
     latest = None
     for epoch in range(1, epochs + 1):
         saved = checkpoint_dir(run_dir, epoch) if epoch % checkpoint_every == 0 else None
-        log.after_report(None, worker_metrics(epoch), saved)
+        write_epoch(log, epoch, saved)
         if saved is not None:
             latest = {"checkpoint_dir_name": Path(saved.path).name, "metrics": {"epoch": epoch}}
     snapshot = {"ray_version": "2.60.0", "latest_checkpoint_result": latest}
@@ -164,8 +162,8 @@ def scalars(directory: Path) -> dict[str, dict[int, float]]:
 
 
 def test_epochs_are_visible_while_the_run_is_still_training(tmp_path):
-    """The controller's callback (here on a thread of its own) appends an epoch; the driver's
-    Follower and read_metrics see it before the next epoch is even reported."""
+    """Rank 0 (here a thread of its own) appends an epoch; the driver's Follower and
+    read_metrics see it before the next epoch is even written."""
     seen: queue.Queue = queue.Queue()
     proceed = threading.Event()
     log = MetricsLog(str(tmp_path))
@@ -174,7 +172,7 @@ def test_epochs_are_visible_while_the_run_is_still_training(tmp_path):
     def controller() -> None:
         try:
             for epoch in range(1, 4):
-                log.after_report(None, worker_metrics(epoch), None)
+                write_epoch(log, epoch)
                 if not proceed.wait(10):
                     failures.append(f"the driver never saw epoch {epoch}")
                     return
@@ -228,19 +226,17 @@ def test_metrics_rows_keep_their_fields(tmp_path):
 def test_tensorboard_has_every_epochs_scalars_as_soon_as_it_ends(tmp_path):
     log = MetricsLog(str(tmp_path))
     for epoch in (1, 2, 3):
-        reported = worker_metrics(epoch)
-        log.after_report(None, reported, None)
+        row = write_epoch(log, epoch)
         # Read while the writer is still open: what TensorBoard sees during training.
         found = scalars(tmp_path / "tensorboard")
-        totals = reported[0]
         expected = {
-            "train/loss": totals["loss"],
-            "train/accuracy": totals["accuracy"],
-            "perf/samples_per_s": totals["samples_per_s"],
-            "perf/epoch_time_s": totals["epoch_time_s"],
-            "perf/samples_per_s/rank0": reported[0]["worker"]["samples_per_s"],
-            "perf/samples_per_s/rank1": reported[1]["worker"]["samples_per_s"],
-            "perf/epoch_time_s/rank1": reported[1]["worker"]["epoch_time_s"],
+            "train/loss": row["loss"],
+            "train/accuracy": row["accuracy"],
+            "perf/samples_per_s": row["samples_per_s"],
+            "perf/epoch_time_s": row["epoch_time_s"],
+            "perf/samples_per_s/rank0": row["workers"][0]["samples_per_s"],
+            "perf/samples_per_s/rank1": row["workers"][1]["samples_per_s"],
+            "perf/epoch_time_s/rank1": row["workers"][1]["epoch_time_s"],
         }
         for tag, value in expected.items():
             assert sorted(found[tag]) == list(range(1, epoch + 1)), tag
@@ -252,13 +248,9 @@ def test_tensorboard_hides_epochs_trained_again(tmp_path):
     """A restart trains epochs again and a resumed run starts a new writer: each new file starts
     with a purge marker at its first epoch, so TensorBoard drops the older values from there."""
     log = train_files(tmp_path, epochs=4)
-    # Ray ships the callback to the controller by pickling it: never with an open writer.
-    shipped = pickle.loads(pickle.dumps(log))
-    assert shipped._writer is None and log._writer is not None
-
-    log.after_report(None, worker_metrics(3), None)  # the worker group restarted at epoch 3
+    write_epoch(log, 3)  # the worker group restarted at epoch 3
     resumed = MetricsLog(str(tmp_path))  # a resumed run, continuing after epoch 4
-    resumed.after_report(None, worker_metrics(5), None)
+    write_epoch(resumed, 5)
 
     events = read_events(tmp_path / "tensorboard")
     files = sorted({name for name, _ in events})
@@ -288,7 +280,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def test_console_off_a_terminal_prints_the_plain_lines_only(tmp_path):
     out = io.StringIO()
     console = Console(out)
-    row = {**worker_metrics(5)[0], "checkpoint": "/x/checkpoint_1"}
+    row = {**epoch_totals(5, worker_stats(5)), "checkpoint": "/x/checkpoint_1"}
     with console.training(10):
         console.epoch(row, 10)
     console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 200})
@@ -305,7 +297,7 @@ def test_console_on_a_terminal_shows_a_live_bar_above_which_epochs_stay(tmp_path
     console.header([("run", "r1 (resumed)")])
     with console.training(8):
         for epoch in (6, 7, 8):
-            console.epoch(worker_metrics(epoch)[0], 8)
+            console.epoch(epoch_totals(epoch, worker_stats(epoch)), 8)
     console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 200})
     text = ANSI.sub("", out.getvalue())
     lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
