@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from raytrain import checkpoint, config, runs
+from raytrain import config, runs
 from raytrain.cluster import Plan, connect
 from raytrain.config import FLAG_FIELDS, Config, field_help
 from raytrain.errors import UserError
@@ -141,6 +141,8 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
             f"run {run_dir.name!r} has no checkpoint to resume from in {str(run_dir)!r}; "
             "start a fresh run instead"
         )
+    from raytrain import checkpoint  # torch: loaded only when there is a checkpoint to read
+
     done = checkpoint.load(latest)["epoch"]  # refuses a missing, truncated or tampered one
     if done >= cfg.train.epochs:
         raise UserError(
