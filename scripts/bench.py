@@ -7,6 +7,8 @@ on 200,000 rows) it runs, interleaved so that machine noise hits all alike, REPS
   torchrun  the same under torchrun --nproc_per_node=N, DDP over gloo (scripts/baselines/ddp.py)
   noop      a Ray Train TorchTrainer with raytrain's Ray settings whose loop only reports once:
             the engine's fixed cost, the floor raytrain cannot go below (scripts/baselines/noop.py)
+  noop+DDP  the same, whose loop also wraps the tutorial's model in DDP and builds its optimizer
+            first (tutorial only): the floor of any DDP program on Ray Train
   raytrain  python -m raytrain.main --workers N
 
 and reports medians of: wall time, time from launch to the first training step (and the share of it
@@ -49,6 +51,7 @@ def variants(workload: str) -> dict[str, list[str]]:
             "plain": [PY, str(BASE / "plain.py"), "tutorial", "1"],
             "torchrun x4": [*torchrun, "--nproc_per_node=4", str(BASE / "ddp.py"), "tutorial"],
             "ray noop x4": [PY, str(BASE / "noop.py"), "4"],
+            "ray noop+DDP x4": [PY, str(BASE / "noop.py"), "4", "ddp"],
             "raytrain x4": [PY, "-m", "raytrain.main", "--workers", "4", "--no-report"],
         }
     mlp = ["--set", "model.name=mlp", "--set", "model.hidden=[1024,1024]",
@@ -199,6 +202,9 @@ def main() -> None:
         ratios["tutorial: raytrain / noop wall"] = ours["wall_s"] / noop["wall_s"]
         ratios["tutorial: raytrain / torchrun wall"] = ours["wall_s"] / peer["wall_s"]
         ratios["tutorial: raytrain / noop peak PSS"] = ours["peak_pss_mb"] / noop["peak_pss_mb"]
+        ddp = t["ray noop+DDP x4"]
+        ratios["tutorial: raytrain / noop+DDP wall"] = ours["wall_s"] / ddp["wall_s"]
+        ratios["tutorial: raytrain / noop+DDP peak PSS"] = ours["peak_pss_mb"] / ddp["peak_pss_mb"]
     if "compute" in medians:
         c = medians["compute"]
         two, one, peer = c["raytrain 2x1"], c["raytrain 1x2"], c["torchrun x2"]
