@@ -14,6 +14,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import ray.train  # noqa: E402
+import ray.train.torch  # noqa: E402
+import torch  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from raytrain import cluster, config  # noqa: E402
@@ -23,9 +25,6 @@ STAMP = tempfile.mktemp(prefix="raytrain-noop-first-step-")
 
 def loop(config):
     if config["ddp"]:
-        import ray.train.torch
-        import torch
-
         model = ray.train.torch.prepare_model(torch.nn.Linear(10, 2))
         torch.optim.SGD(model.parameters(), lr=0.01)
     if ray.train.get_context().get_world_rank() == 0:
