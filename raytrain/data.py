@@ -6,6 +6,7 @@ class label. That is standard Arrow, so Parquet files written from it open in an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -78,9 +79,9 @@ class Datasets:
     val_rows: int
     ingest: str  # "memory" or "stream"
     source: str  # for the console header
-    # In memory: the training split's Arrow blocks in Ray's object store, made once; every worker
-    # fetches them at start-up (no Ray Data pipeline runs on the workers). Streamed: empty, and
-    # Ray Train hands each worker a shard of ``train``.
+    # In memory: ``train``'s Arrow blocks in Ray's object store, made once; every worker fetches
+    # them at start-up (no Ray Data pipeline runs on the workers). Streamed: empty, and Ray Train
+    # hands each worker a shard of ``train``.
     blocks: tuple[ray.ObjectRef, ...] = ()
 
 
@@ -88,23 +89,27 @@ def build_datasets(cfg: DataConfig, workers: int = 1) -> Datasets:
     """Ray Datasets for the train and validation splits (needs a connected Ray).
 
     Synthetic data is generated on the driver; Parquet data is checked up front (DataError) and
-    then read lazily, so the driver never holds it.
+    then read lazily, so the driver never holds it. In memory, the training split is made into
+    blocks in the object store here, once (Parquet: read and converted once, not by every worker).
     """
-    if cfg.path is None:
-        split = make_synthetic(cfg)
-        block = ray.put(to_arrow(split.train_x, split.train_y))
-        return Datasets(
-            train=ray.data.from_arrow_refs([block]),
-            val=ray.data.from_arrow(to_arrow(split.val_x, split.val_y)),
-            features=cfg.features,
-            classes=cfg.classes,
-            train_rows=len(split.train_y),
-            val_rows=len(split.val_y),
-            ingest="memory",
-            source=f"synthetic ({cfg.labels} labels), {cfg.samples} rows",
-            blocks=(block,),
-        )
-    return _parquet_datasets(cfg, workers)
+    datasets = _synthetic_datasets(cfg) if cfg.path is None else _parquet_datasets(cfg, workers)
+    if datasets.ingest == "memory":
+        datasets = dataclasses.replace(datasets, blocks=tuple(datasets.train.to_arrow_refs()))
+    return datasets
+
+
+def _synthetic_datasets(cfg: DataConfig) -> Datasets:
+    split = make_synthetic(cfg)
+    return Datasets(
+        train=ray.data.from_arrow(to_arrow(split.train_x, split.train_y)),
+        val=ray.data.from_arrow(to_arrow(split.val_x, split.val_y)),
+        features=cfg.features,
+        classes=cfg.classes,
+        train_rows=len(split.train_y),
+        val_rows=len(split.val_y),
+        ingest="memory",
+        source=f"synthetic ({cfg.labels} labels), {cfg.samples} rows",
+    )
 
 
 def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
@@ -113,7 +118,7 @@ def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
     train_stats = parquet.scan(train_source, hashed)
     rows = sum(s.rows for s in train_stats.values())
     held_out = sum(s.val_rows for s in train_stats.values())  # 0 with a separate val_path
-    val_rows = held_out
+    val_rows = held_out  # or counted in val_path, below
     width = next(s.width_min for s in train_stats.values() if s.rows)
     classes = max(s.label_max for s in train_stats.values() if s.rows) + 1
     kwargs = {"feature_columns": train_source.feature_columns,
@@ -154,11 +159,6 @@ def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
     ingest = cfg.ingest
     if ingest == "auto":
         ingest = "memory" if megabytes <= cfg.memory_limit_mb else "stream"
-    blocks: tuple[ray.ObjectRef, ...] = ()
-    if ingest == "memory":
-        # Read and converted once, here, rather than by every worker.
-        blocks = tuple(train.to_arrow_refs())
-        train = ray.data.from_arrow_refs(list(blocks))
     return Datasets(
         train=train,
         val=val,
@@ -169,7 +169,6 @@ def _parquet_datasets(cfg: DataConfig, workers: int) -> Datasets:
         ingest=ingest,
         source=f"Parquet {cfg.path} ({len(train_source.files)} files, {rows:,} rows, "
         f"{megabytes:,.0f} MB training split, {ingest} ingest)",
-        blocks=blocks,
     )
 
 

@@ -82,7 +82,7 @@ class MetricsLog:
             self._writer = EventsWriter(
                 str(Path(self.tensorboard_dir) / "events"),
                 # Event file names carry only the second and the host: keep two writers of one
-                # run (a restarted controller, a resumed run) from truncating each other's file.
+                # run (a restarted worker group, a resumed run) from truncating each other's file.
                 filename_suffix=f".{os.getpid()}.{secrets.token_hex(3)}",
             )
             # With this marker TensorBoard drops the values at this and later steps that earlier
