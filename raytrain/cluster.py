@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raytrain.config import Config
-from raytrain.errors import UserError
+from raytrain.errors import UserError, first_line
 from raytrain.runs import storage_dir
 
 # How often Ray Train's controller polls the workers: how soon it sees a checkpoint report, a dead
@@ -29,6 +30,7 @@ from raytrain.runs import storage_dir
 # throughput on 2 cores; between 0.05 s and 1 s the difference was within the noise.
 _POLL_INTERVAL_S = "0.05"
 _PROBE_TIMEOUT_S = 5.0
+_STORAGE_CHECK_TIMEOUT_S = 120.0
 _DATA_CPUS = 1
 _BLOCK_BYTES = 8 * 1024 * 1024
 
@@ -49,6 +51,7 @@ class Plan:
     note: str | None = None  # one line for the user when the request had to be fitted
     min_workers: int | None = None  # set for an elastic run
     nodes: int = 1
+    copies_per_node: int = 1  # the most workers one node can hold: copies of in-memory data
     ray_start_s: float = 0.0  # how long ray.init took
 
     @property
@@ -97,6 +100,7 @@ def plan_embedded(cfg: Config, cores: int) -> Plan:
         address=None,
         note=note,
         min_workers=cfg.scaling.min_workers,
+        copies_per_node=workers,
     )
 
 
@@ -121,6 +125,9 @@ def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) 
             f"{address} has {total:g} CPUs on {len(alive)} node(s) [{per_node}]; use fewer "
             "--workers or a smaller scaling.cpus_per_worker"
         )
+    most_on_a_node = max(int(n["Resources"].get("CPU", 0) // cpus) for n in alive)
+    if cfg.scaling.placement_strategy == "STRICT_SPREAD":
+        most_on_a_node = 1
     return Plan(
         workers,
         cpus,
@@ -129,6 +136,7 @@ def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) 
         address=address,
         min_workers=least,
         nodes=len(alive),
+        copies_per_node=max(1, min(workers, most_on_a_node)),
     )
 
 
@@ -144,16 +152,20 @@ def check_storage_visible(storage: Path) -> None:
     marker = storage / f".raytrain-visible-{secrets.token_hex(4)}"
     marker.write_text("raytrain checks that every node sees this directory\n")
     sees = ray.remote(num_cpus=0)(os.path.exists)
+    asks = [
+        sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(str(marker))
+        for n in nodes
+    ]
     try:
-        seen = ray.get(
-            [
-                sees.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                ).remote(str(marker))
-                for n in nodes
-            ],
-            timeout=120,
-        )
+        seen = ray.get(asks, timeout=_STORAGE_CHECK_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(
+            f"the cluster's nodes did not say within {_STORAGE_CHECK_TIMEOUT_S:g} s whether they "
+            f"see run.storage_path {str(storage)!r}; check that every node is healthy "
+            "('ray status') and try again"
+        ) from None
     finally:
         marker.unlink(missing_ok=True)
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
@@ -210,7 +222,8 @@ def probe(address: str) -> None:
             "node's host:port (Ray's default port is 6379) and that the cluster is running"
         ) from None
     try:
-        ray._raylet.GcsClient(address=gcs)
+        with _stderr_to_devnull():  # Ray's C++ client logs the refusal there as well
+            ray._raylet.GcsClient(address=gcs)
     except ray.exceptions.AuthenticationError:
         raise ClusterError(
             f"the Ray cluster at {address!r} refused authentication: it uses token auth; "
@@ -218,11 +231,24 @@ def probe(address: str) -> None:
             "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
         ) from None
     except ray.exceptions.RayError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClusterError(
-            f"{gcs} does not answer as a Ray cluster ({first}); --address takes the head "
+            f"{gcs} does not answer as a Ray cluster ({first_line(e)}); --address takes the head "
             "node's GCS host:port (Ray's default port is 6379)"
         ) from None
+
+
+@contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a while: what native code writes there too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _code_runtime_env() -> dict | None:
@@ -280,8 +306,8 @@ def connect(cfg: Config) -> Iterator[Plan]:
         try:
             plan = plan_cluster(cfg, address, ray.cluster_resources(), ray.nodes())
             check_storage_visible(storage_dir(cfg.run.storage_path))
-        except ClusterError:
-            ray.shutdown()
+        except BaseException:
+            ray.shutdown()  # whatever went wrong, nothing of this run stays connected
             raise
     else:
         cores = os.cpu_count() or 1

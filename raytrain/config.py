@@ -1,15 +1,9 @@
 """raytrain's configuration: one typed, validated, frozen object, built once on the driver.
 
-Precedence, lowest to highest (this is the one place it is written down):
-
-1. the defaults in this file, which reproduce the tutorial;
-2. the YAML file given with ``--config``;
-3. ``--set section.field=value`` overrides, applied in the order given;
-4. the dedicated flags (``--workers``, ``--epochs``, ``--batch-size``, ``--lr``, ``--seed``,
-   ``--address``, ``--storage-path``, ``--name``).
-
-Every field's description is also its ``--help`` text and its documentation in
-``configs/default.yaml``.
+The schema below is the only place defaults live. Every field's description is its ``--help``
+text, and the command line's flags are derived from it (``raytrain.cli``): ``--section.field VALUE``
+for every field, plus the short flags a field names in its ``flag`` entry (``--workers``).
+``PRECEDENCE`` says which source wins.
 """
 
 from __future__ import annotations
@@ -23,14 +17,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raytrain.errors import UserError
 
+PRECEDENCE = (
+    "Settings come from, lowest to highest: the built-in defaults, then --config FILE, then "
+    "--set section.field=value (in the order given), then the flags."
+)
+MAX_SEED = 2**63 - 1  # torch's generators and numpy's SeedSequence both take 0..2**63-1
+
 
 class ConfigError(UserError):
     """A configuration a user got wrong: the message is one sentence, shown without a traceback."""
 
 
 class _Section(BaseModel):
-    # frozen: built once on the driver and only read after that; forbid: a misspelt key is an error.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    # frozen: built once on the driver and only read after that; forbid: a misspelt key is an
+    # error; no inf/nan: a float that is not finite never reaches torch.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, allow_inf_nan=False)
+
+
+def _flag(name: str) -> dict[str, str]:
+    """A short command-line flag for a field (``--workers`` for ``scaling.workers``)."""
+    return {"flag": name}
 
 
 class DataConfig(_Section):
@@ -55,10 +61,13 @@ class DataConfig(_Section):
         "auto",
         description="'memory': every worker copies the training split into memory once; "
         "'stream': Ray Data streams a shard to each worker every epoch; 'auto': memory when "
-        "the split is under memory_limit_mb.",
+        "the copies fit in memory_limit_mb.",
     )
     memory_limit_mb: float = Field(
-        1024, gt=0, description="The largest training split (MB) that 'auto' keeps in memory."
+        1024,
+        gt=0,
+        description="'auto' keeps the training split in memory when the copies of it on one "
+        "node (one per worker there) take at most this many MB.",
     )
     samples: int = Field(1000, ge=2, description="Rows of synthetic data (train + validation).")
     features: int = Field(10, ge=1, description="Features per row of synthetic data.")
@@ -76,7 +85,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of rows held out for validation on the driver."
     )
-    seed: int = Field(0, description="Seed for generating and splitting the synthetic data.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed for generating and splitting the synthetic data."
+    )
 
 
 class ModelConfig(_Section):
@@ -86,6 +97,9 @@ class ModelConfig(_Section):
         "simple",
         description="'simple': the tutorial's nn.Linear; 'mlp': Linear+ReLU layers; or your own "
         "nn.Module as 'package.module:ClassName'.",
+    )
+    hidden: tuple[int, ...] = Field(
+        (64,), description="Hidden layer sizes of the 'mlp' model (ignored by 'simple')."
     )
     kwargs: dict[str, Any] = Field(
         {}, description="Keyword arguments for your own model class (besides features, classes)."
@@ -98,9 +112,6 @@ class ModelConfig(_Section):
         if v in ("simple", "mlp") or (sep and module and attr):
             return v
         raise ValueError(f"must be 'simple', 'mlp' or 'package.module:ClassName', got {v!r}")
-    hidden: tuple[int, ...] = Field(
-        (64,), description="Hidden layer sizes of the 'mlp' model (ignored by 'simple')."
-    )
 
     @field_validator("hidden")
     @classmethod
@@ -113,14 +124,25 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation: the same numbers mean the same maths for any worker count."""
 
-    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    epochs: int = Field(10, ge=1, description="Passes over the training split.", **_flag("epochs"))
     batch_size: int = Field(
-        32, ge=1, description="Global batch size, dealt out across all workers at every step."
+        32,
+        ge=1,
+        description="Global batch size, dealt out across all workers at every step.",
+        **_flag("batch-size"),
     )
-    lr: float = Field(0.01, gt=0, description="SGD learning rate, applied to the global batch.")
+    lr: float = Field(
+        0.01, gt=0, description="SGD learning rate, applied to the global batch.", **_flag("lr")
+    )
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (the tutorial uses none).")
     shuffle: bool = Field(True, description="Reshuffle the training rows every epoch (seeded).")
-    seed: int = Field(0, description="Seed for the model's initial weights and the shuffle order.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for the model's initial weights and the shuffle order.",
+        **_flag("seed"),
+    )
     checkpoint_every: int = Field(
         5, ge=0, description="Write a checkpoint every N epochs (0: only at the end, always then)."
     )
@@ -131,13 +153,17 @@ class ScalingConfig(_Section):
     """How many workers, and what each one gets."""
 
     workers: int = Field(
-        2, ge=1, description="Number of Ray Train workers (processes); the most, in elastic runs."
+        2,
+        ge=1,
+        description="Number of Ray Train workers (processes), or an elastic range MIN-MAX (2-8): "
+        "start with as many as the cluster holds, at least MIN, and grow up to MAX.",
+        **_flag("workers"),
     )
     min_workers: int | None = Field(
         None,
         ge=1,
-        description="Set for an elastic run: start with at least this many workers when the "
-        "cluster cannot hold 'workers', and grow as CPUs free up (--workers MIN-MAX).",
+        description="Set for an elastic run (what --workers MIN-MAX sets): the fewest workers "
+        "to start with.",
     )
     cpus_per_worker: float | None = Field(
         None,
@@ -149,6 +175,24 @@ class ScalingConfig(_Section):
         "PACK", description="How Ray places workers on nodes."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _elastic_range(cls, data: Any) -> Any:
+        """``workers: MIN-MAX`` is an elastic range: workers = MAX, min_workers = MIN."""
+        workers = data.get("workers") if isinstance(data, dict) else None
+        if not isinstance(workers, str):
+            return data
+        low, sep, high = workers.strip().partition("-")
+        if not (low.strip().isdigit() and (not sep or high.strip().isdigit())):
+            raise ValueError(
+                f"scaling.workers {workers!r} should be a count (4) or an elastic range "
+                "MIN-MAX (2-8)"
+            )
+        data = {**data, "workers": int(high if sep else low)}
+        if sep:
+            data["min_workers"] = int(low)
+        return data
+
 
 class RunConfig(_Section):
     """Where the run happens and where its results go."""
@@ -156,17 +200,23 @@ class RunConfig(_Section):
     name: str | None = Field(
         None,
         description="Run name (a directory under storage_path). Unset: a fresh timestamped name.",
+        **_flag("name"),
     )
-    storage_path: str = Field("runs", description="Directory that holds one directory per run.")
+    storage_path: str = Field(
+        "runs", description="Directory that holds one directory per run.", **_flag("storage-path")
+    )
     address: str | None = Field(
         None,
         description="Ray cluster to join ('auto', 'host:port'). Unset: RAY_ADDRESS, else an "
         "embedded Ray on this machine.",
+        **_flag("address"),
     )
     max_failures: int = Field(
         2, ge=0, description="Worker-group failures Ray Train recovers from before giving up."
     )
-    verbose: bool = Field(False, description="Show Ray's own logs and worker output.")
+    verbose: bool = Field(
+        False, description="Show Ray's own logs and worker output.", **_flag("verbose")
+    )
 
     @field_validator("name")
     @classmethod
@@ -212,18 +262,9 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-# Flags that set one field each: flag dest -> dotted field. The flags win over everything else.
-FLAG_FIELDS = {
-    "workers": "scaling.workers",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "lr": "train.lr",
-    "seed": "train.seed",
-    "address": "run.address",
-    "storage_path": "run.storage_path",
-    "name": "run.name",
-    "verbose": "run.verbose",
-}
+def sections() -> dict[str, type[_Section]]:
+    """The config's sections by name, in order: what the command line makes flag groups of."""
+    return {name: field.annotation for name, field in Config.model_fields.items()}  # type: ignore[misc]
 
 
 def load(
@@ -232,7 +273,8 @@ def load(
     flags: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Build the Config: defaults < file < ``overrides`` ("a.b=value") < ``flags`` (dotted keys).
+    """Build the Config: defaults < file < ``overrides`` ("a.b=value") < ``flags`` (dotted keys,
+    values as typed on the command line).
 
     ``base`` (a saved ``Config.to_dict()``, when resuming a run) takes the place of the file.
     """
@@ -243,14 +285,14 @@ def load(
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} is not of the form section.field=value")
-        _put(raw, key.strip(), _parse_value(value))
+        _put(raw, key.strip(), parse_value(value, key.strip()))
     for key, value in (flags or {}).items():
         if value is not None:
             _put(raw, key, value)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, raw)) from None
+        raise ConfigError(_one_line(e)) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -276,8 +318,14 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse_value(text: str) -> Any:
-    """Read an override's value the way YAML would: 0.1 -> float, [64, 64] -> list, x -> 'x'."""
+def parse_value(text: str, dotted: str = "") -> Any:
+    """Read a value typed on the command line for the field ``dotted`` the way YAML would
+    (0.1 -> float, [64, 64] -> list), except that a text field takes the text as it is (a run
+    named 2024 stays '2024')."""
+    section, _, name = dotted.partition(".")
+    field = getattr(sections().get(section), "model_fields", {}).get(name)
+    if field is not None and field.annotation in (str, str | None):
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -297,37 +345,21 @@ def _put(raw: dict[str, Any], dotted: str, value: Any) -> None:
     target[field] = value
 
 
-def _one_line(error: ValidationError, raw: dict[str, Any]) -> str:
+def _one_line(error: ValidationError) -> str:
     """Turn pydantic's report into one sentence about the first problem."""
     first = error.errors()[0]
     loc = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
     kind = first["type"]
+    message = first["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        section, _, field = loc.rpartition(".")
-        model = _section_model(section)
+        section, _, _ = loc.rpartition(".")
+        model = Config if not section else sections().get(section)
         if model is None:
             return f"unknown config key {loc!r}"
-        known = ", ".join(model.model_fields)
         where = f"section {section!r}" if section else "the top level"
-        return f"unknown config key {loc!r}: {where} has {known}"
-    if kind == "value_error" and not loc:
-        return first["msg"].removeprefix("Value error, ")
-    value = first.get("input")
-    message = first["msg"].removeprefix("Value error, ")
-    if kind == "model_type" or kind == "dict_type":
-        return f"config section {loc!r} must be a mapping of fields, got {value!r}"
-    return f"invalid value for {loc}: {value!r} ({message[0].lower() + message[1:]})"
-
-
-def _section_model(section: str) -> type[BaseModel] | None:
-    if not section:
-        return Config
-    field = Config.model_fields.get(section)
-    return field.annotation if field is not None else None  # type: ignore[return-value]
-
-
-def field_help(dotted: str) -> str:
-    """The description of a field, for --help."""
-    section, _, field = dotted.partition(".")
-    model = _section_model(section)
-    return model.model_fields[field].description or ""
+        return f"unknown config key {loc!r}: {where} has {', '.join(model.model_fields)}"
+    if kind == "value_error" and (not loc or loc in Config.model_fields):
+        return message  # a check across fields, which names them itself
+    if kind in ("model_type", "dict_type"):
+        return f"config section {loc!r} must be a mapping of fields, got {first.get('input')!r}"
+    return f"invalid value for {loc}: {first.get('input')!r} ({message[0].lower() + message[1:]})"

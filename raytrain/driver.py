@@ -1,10 +1,12 @@
-"""The driver's part of a run: build the TorchTrainer, fit(), then validate the final checkpoint
-on the driver, on rows no worker trained on."""
+"""The driver's part of a run: build the datasets and the TorchTrainer, fit() while the console
+follows the metrics, validate the final checkpoint on rows no worker trained on, write results."""
 
 from __future__ import annotations
 
+import math
 import os
 import resource
+import secrets
 import socket
 import threading
 import time
@@ -14,16 +16,17 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raytrain import checkpoint
+from raytrain import runs
 from raytrain.cluster import Plan
 from raytrain.config import Config
-from raytrain.data import Datasets, build_datasets
+from raytrain.data.datasets import Datasets, build_datasets
 from raytrain.errors import UserError
 from raytrain.evaluate import evaluate
-from raytrain.metrics import Follower, read_metrics
 from raytrain.model import build_model
-from raytrain.report import Console, write_report, write_results
-from raytrain.worker import LoopArgs, train_loop_per_worker
+from raytrain.report.console import Console
+from raytrain.report.page import write_report
+from raytrain.train import checkpoint
+from raytrain.train.loop import LoopArgs, train_loop_per_worker
 
 _VAL_BATCH = 4096
 
@@ -33,9 +36,11 @@ def build_trainer(
     plan: Plan,
     datasets: Datasets,
     run_dir: Path,
-    fail_at: tuple[int, int] | None = None,
+    fail_at: tuple[int, int] | None,
+    session: str,
 ) -> TorchTrainer:
-    """The TorchTrainer for this run: CPU-only workers, DDP over gloo, results under run_dir.
+    """The TorchTrainer for this run: CPU-only workers, DDP over gloo, results under run_dir;
+    ``session`` names this driver's attempt in metrics.jsonl.
 
     Running it again with the same run_dir resumes from the run's latest checkpoint.
     """
@@ -45,6 +50,7 @@ def build_trainer(
         features=datasets.features,
         classes=datasets.classes,
         run_dir=str(run_dir),
+        session=session,
         fail_at=fail_at,
         ingest=datasets.ingest,
         blocks=datasets.blocks,
@@ -72,8 +78,8 @@ def build_trainer(
             logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
         ),
         # In memory, every worker fetches the training split's blocks once (LoopArgs.blocks) and
-        # trains on its own rows of each global batch (see worker.py); streamed, Ray Train hands
-        # each worker an equal shard of the Ray Dataset.
+        # trains on its own rows of each global batch (raytrain.train.loop); streamed, Ray Train
+        # hands each worker an equal shard of the Ray Dataset.
         datasets={"train": datasets.train} if datasets.ingest == "stream" else None,
     )
 
@@ -98,15 +104,66 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
     return outcome["result"]
 
 
-def placement(run_dir: Path) -> list[dict[str, Any]]:
+def check_streamed_batch(cfg: Config, plan: Plan) -> None:
+    """Streamed, every worker takes an equal local batch of every step: the global batch must
+    divide by every worker count the run may have (any in an elastic range)."""
+    counts = range(plan.min_workers or plan.workers, plan.workers + 1)
+    uneven = [n for n in counts if cfg.train.batch_size % n]
+    if not uneven:
+        return
+    fits = math.lcm(*counts)
+    which = f"{uneven[0]} workers"
+    if len(counts) > 1:
+        which = (
+            f"{', '.join(map(str, uneven))} workers (the elastic range is {counts[0]}-{counts[-1]})"
+        )
+    raise UserError(
+        f"train.batch_size = {cfg.train.batch_size} cannot be dealt out equally to {which} "
+        f"when the data is streamed; use a multiple of {fits}, a fixed --workers, or "
+        "data.ingest=memory"
+    )
+
+
+def placement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Where each worker rank ran in the last epoch: node id and IP."""
-    rows = read_metrics(run_dir)
     if not rows:
         return []
     return [
         {"rank": w["rank"], "node_id": w["node_id"], "node_ip": w.get("node_ip")}
         for w in sorted(rows[-1]["workers"], key=lambda w: w["rank"])
     ]
+
+
+def validate(cfg: Config, datasets: Datasets, checkpoint_dir: str) -> tuple[dict, dict]:
+    """The final checkpoint's state and its validation on the held-out rows, on the driver."""
+    state = checkpoint.load(checkpoint_dir)
+    model = build_model(cfg.model, datasets.features, datasets.classes)
+    model.load_state_dict(state["model"])
+    batches = datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0)
+    validation = evaluate(model, batches, datasets.classes)
+    validation["validated_by"] = {
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+    return state, validation
+
+
+def train(
+    cfg: Config,
+    plan: Plan,
+    datasets: Datasets,
+    run_dir: Path,
+    console: Console,
+    fail_at: tuple[int, int] | None,
+) -> ray.train.Result:
+    """fit() a fresh TorchTrainer of this session while the console follows the metrics."""
+    session = secrets.token_hex(4)
+    trainer = build_trainer(cfg, plan, datasets, run_dir, fail_at, session)
+    # The Follower stops first (its last poll still reaches the progress bar), then the bar goes,
+    # also on Ctrl-C or a failure, so that what main prints lands on a clean terminal.
+    with console.training(cfg.train.epochs, session), runs.Follower(run_dir, console.show):
+        return fit(trainer)
 
 
 def run(
@@ -120,45 +177,24 @@ def run(
     """Train (or continue training), validate on the driver, write results.json (and the report
     with its plots, unless ``report`` is off)."""
     started = time.perf_counter()
-    datasets = build_datasets(cfg.data, plan.workers)
+    datasets = build_datasets(cfg.data, plan.workers, plan.copies_per_node)
     prepared = time.perf_counter()
     console.line(
-        f"{'data':>7}  {datasets.source}; {datasets.features} features, {datasets.classes} "
-        f"classes; {datasets.train_rows:,} train / {datasets.val_rows:,} held-out rows"
+        f"{'data':>7}  {datasets.source}; {datasets.features} features, "
+        f"{datasets.classes} classes; {datasets.train_rows:,} train / "
+        f"{datasets.val_rows:,} held-out rows"
     )
-    if datasets.ingest == "stream" and cfg.train.batch_size % plan.workers:
-        raise UserError(
-            f"train.batch_size = {cfg.train.batch_size} must divide by {plan.workers} workers when "
-            "the data is streamed (each worker takes an equal share of every step)"
-        )
-    trainer = build_trainer(cfg, plan, datasets, run_dir, fail_at)
+    if datasets.ingest == "stream":
+        check_streamed_batch(cfg, plan)
     fit_started = time.time()
-    # The Follower stops first (its last poll still reaches the progress bar), then the bar goes,
-    # also on Ctrl-C or a failure, so that what main prints lands on a clean terminal.
-    with console.training(cfg.train.epochs), Follower(
-        run_dir, lambda row: console.epoch(row, cfg.train.epochs)
-    ):
-        result = fit(trainer)
+    result = train(cfg, plan, datasets, run_dir, console, fail_at)
     fit_ended = time.time()
     trained = time.perf_counter()
-
-    with result.checkpoint.as_directory() as directory:
-        state = checkpoint.load(directory)
-    model = build_model(cfg.model, datasets.features, datasets.classes)
-    model.load_state_dict(state["model"])
-    validation = evaluate(
-        model,
-        datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0),
-        datasets.classes,
-    )
-    validation["validated_by"] = {
-        "pid": os.getpid(),
-        "hostname": socket.gethostname(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-    }
+    state, validation = validate(cfg, datasets, result.checkpoint.path)
     console.validation(validation)
     validated = time.perf_counter()
 
+    rows = runs.read_metrics(run_dir)
     results = {
         "run": run_dir.name,
         "run_dir": str(run_dir),
@@ -167,27 +203,25 @@ def run(
         "train": state["meta"]["metrics"],
         "validation": validation,
         "workers": plan.workers_text,
-        "placement": placement(run_dir),
+        "placement": placement(rows),
         "cpus_per_worker": plan.cpus_per_worker,
         "threads_per_worker": plan.threads,
-        "wall_time_s": {
-            "train": trained - started,
-            "total": time.perf_counter() - started,
-        },
+        "wall_time_s": {"train": trained - started, "total": time.perf_counter() - started},
         "phases": phases(
-            read_metrics(run_dir),
+            rows,
             ray_start=plan.ray_start_s,
             data_preparation=prepared - started,
             fit_window=(fit_started, fit_ended),
             validation=validated - trained,
         ),
+        "segments": runs.history(run_dir),
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": cfg.to_dict(),
     }
-    write_results(run_dir, results)
+    runs.write_results(run_dir, results)
     if report:
         png, html = write_report(run_dir)
-        console.line(f"{'report':>7}  {html} ({png.name} beside it)")
+        console.line(f"{'report':>7}  {runs.display(html)} ({png.name} beside it)")
     return results
 
 
@@ -198,16 +232,16 @@ def phases(
     fit_window: tuple[float, float],
     validation: float,
 ) -> dict[str, float]:
-    """Seconds per phase of this run, measured: starting or joining Ray; building the datasets on
-    the driver; starting the worker processes (until the slowest entered the training loop);
-    defining the model and optimizer; wrapping it in DDP; each worker's copy of its data; training
-    until the last epoch's row was written; teardown until fit() returned; validation on the
-    driver."""
+    """Seconds per phase of this run (``runs.PHASES`` says what each one covers), measured from
+    the driver's clocks and the times the workers wrote into the first row of this session."""
     fit_started, fit_ended = fit_window
     mine = [row for row in rows if row["time"] >= fit_started]  # a resumed run's epochs only
     if not mine:
-        return {"ray_start": ray_start, "data_preparation": data_preparation,
-                "validation": validation}  # fmt: skip
+        return {
+            "ray_start": ray_start,
+            "data_preparation": data_preparation,
+            "validation": validation,
+        }
     workers = mine[0]["workers"]
     first_epoch = min(w["started_at"] for w in workers)
     loop_start, model_built, model_ready, data_ready = (

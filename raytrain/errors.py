@@ -1,6 +1,19 @@
-"""The one exception family a user can cause: its message is one sentence naming the bad value
-and what would be right, shown without a traceback, exit code 2. Anything else is a bug."""
+"""The one exception family a user can cause, and the exit codes.
+
+A UserError's message is one sentence naming the bad value and what would be right; the command
+line prints it as ``raytrain: error: ...`` without a traceback and exits with EXIT_USAGE. Anything
+else is a bug and keeps its traceback.
+"""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UserError(Exception):
     """Bad input, an unusable cluster or storage, a bad checkpoint."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line
+    reports of errors raised by libraries."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

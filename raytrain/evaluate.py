@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from raytrain.data import FEATURES, LABEL
+from raytrain.data.tables import FEATURES, LABEL
 
 
 @torch.no_grad()

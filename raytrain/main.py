@@ -1,4 +1,5 @@
-"""raytrain's command line: argv -> Config -> cluster -> run -> summary and exit code.
+"""``python -m raytrain.main``, the tutorial's entry point, and ``raytrain train``:
+argv -> Config -> cluster -> run -> summary and exit code.
 
     python -m raytrain.main --workers 4                       # embedded Ray on this machine
     python -m raytrain.main --config configs/seed.yaml        # the tutorial, exactly
@@ -19,71 +20,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from raytrain import config, runs
+from raytrain import cli, config, runs
 from raytrain.cluster import Plan, connect
-from raytrain.config import FLAG_FIELDS, Config, field_help
-from raytrain.errors import UserError
-from raytrain.metrics import read_metrics
-from raytrain.report import Console
+from raytrain.config import Config
+from raytrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UserError, first_line
+from raytrain.report.console import Console
+from raytrain.train.faults import ENV as FAIL_AT_ENV
+from raytrain.train.faults import parse_fail_at
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m raytrain.main",
-        description="Data-parallel PyTorch training on CPUs with Ray Train. Settings come from "
-        "the defaults, then --config FILE, then --set overrides, then the flags below.",
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with config sections.")
-    parser.add_argument(
-        "--set",
-        metavar="SECTION.FIELD=VALUE",
-        action="append",
-        default=[],
-        help="Override any config field, e.g. --set model.name=mlp (repeatable).",
-    )
-    parser.add_argument(
-        "--resume",
-        metavar="RUN",
-        help="Continue the run of that name under --storage-path (or at that path) from its "
-        "latest checkpoint, with the config it started with.",
-    )
-    parser.add_argument(
-        "--no-report",
-        action="store_true",
-        help="Skip writing report.png and report.html into the run directory at the end.",
-    )
-    types = {"epochs": int, "batch_size": int, "lr": float, "seed": int}
-    for dest, dotted in FLAG_FIELDS.items():
-        flag = "--" + dest.replace("_", "-")
-        if dest == "verbose":
-            parser.add_argument(flag, action="store_true", default=None, help=field_help(dotted))
-        else:
-            parser.add_argument(
-                flag, type=types.get(dest, str), metavar=dest.upper(), help=field_help(dotted)
-            )
-    return parser.parse_args(argv)
-
-
-def flag_values(args: argparse.Namespace) -> dict:
-    """The dedicated flags as dotted config keys; --workers MIN-MAX sets an elastic range."""
-    flags = {FLAG_FIELDS[dest]: getattr(args, dest) for dest in FLAG_FIELDS}
-    workers = args.workers
-    if workers is not None:
-        low, sep, high = workers.partition("-")
-        if not (low.isdigit() and (not sep or high.isdigit())):
-            raise UserError(
-                f"--workers {workers!r} should be a count (4) or an elastic range MIN-MAX (2-8)"
-            )
-        flags["scaling.workers"] = int(high if sep else low)
-        if sep:
-            flags["scaling.min_workers"] = int(low)
-    return flags
-
-
-def build_config(args: argparse.Namespace) -> Config:
-    return config.load(args.config, args.set, flag_values(args))
+PROG = "python -m raytrain.main"
 
 
 def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[str, str]]:
@@ -106,7 +51,7 @@ def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[
             f"{cfg.model.name}, SGD lr {cfg.train.lr:g}, global batch {cfg.train.batch_size} "
             f"({per_worker} per worker), {cfg.train.epochs} epochs",
         ),
-        ("run", f"{run_dir}{' (resumed)' if resumed else ''}"),
+        ("run", f"{runs.display(run_dir)}{' (resumed)' if resumed else ''}"),
     ]
     if plan.note:
         items.insert(1, ("note", plan.note))
@@ -116,17 +61,18 @@ def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[
 def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
     """The run's config and directory: a fresh run, or the run named by --resume after checking
     that its latest checkpoint is intact. Raises UserError."""
+    flags = cli.config_flags(args)
     if args.resume is None:
-        cfg = build_config(args)
+        cfg = config.load(args.config, args.set, flags)
         run_dir = runs.claim(cfg)
         runs.save_config(run_dir, cfg)
         return cfg, run_dir
-    for flag, value in (("--config", args.config), ("--name", args.name)):
+    for flag, value in (("--config", args.config), ("--name", flags.get("run.name"))):
         if value is not None:
             raise UserError(f"{flag} cannot be combined with --resume (the run keeps its own)")
-    run_dir = runs.locate(args.resume, args.storage_path or Config().run.storage_path)
+    storage = flags.get("run.storage_path") or Config().run.storage_path
+    run_dir = runs.locate(args.resume, storage)
     saved = runs.saved_config(run_dir)
-    flags = flag_values(args)
     flags |= {"run.name": run_dir.name, "run.storage_path": str(run_dir.parent)}
     cfg = config.load(None, args.set, flags, base=saved)
     for section in ("data", "model"):
@@ -141,7 +87,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
             f"run {run_dir.name!r} has no checkpoint to resume from in {str(run_dir)!r}; "
             "start a fresh run instead"
         )
-    from raytrain import checkpoint  # torch: loaded only when there is a checkpoint to read
+    from raytrain.train import checkpoint  # torch: loaded only when there is a checkpoint to read
 
     done = checkpoint.load(latest)["epoch"]  # refuses a missing, truncated or tampered one
     if done >= cfg.train.epochs:
@@ -152,32 +98,20 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def parse_fail_at(text: str | None) -> tuple[int, int] | None:
-    """RAYTRAIN_FAIL_AT=RANK:EPOCH -> (rank, epoch)."""
-    if not text:
-        return None
-    rank, sep, epoch = text.partition(":")
-    if not (sep and rank.isdigit() and epoch.isdigit() and int(epoch) >= 1):
-        raise UserError(
-            f"RAYTRAIN_FAIL_AT={text!r} should be RANK:EPOCH, e.g. 1:3 (rank 1 dies when it "
-            "starts epoch 3)"
-        )
-    return int(rank), int(epoch)
-
-
-def failure_report(error: BaseException, cfg: Config, run_dir: Path) -> str:
+def failure_report(error: BaseException, cfg: Config, run_dir: Path, program: str) -> str:
     """One paragraph on a run that gave up: who failed, in which epoch, why, what is left."""
-    done = max((row["epoch"] for row in read_metrics(run_dir)), default=0)
+    done = max((row["epoch"] for row in runs.read_metrics(run_dir)), default=0)
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
         described = [_describe_failure(rank, exc) for rank, exc in sorted(failures.items())]
         # The worker that died first, then the ones that lost their connection to it.
         who = "; ".join(sorted(described, key=lambda text: " died: " not in text))
     else:
-        who = _first_line(getattr(error, "controller_failure", error))
+        who = first_line(getattr(error, "controller_failure", error))
     latest = runs.latest_checkpoint(run_dir)
     if latest is not None and latest.exists():
-        left = f"The last good checkpoint is {latest}; continue: {runs.resume_command(run_dir)}"
+        resume = runs.resume_command(run_dir, program)
+        left = f"The last good checkpoint is {latest}; continue: {resume}"
     else:
         left = "No checkpoint was written."
     return (
@@ -186,64 +120,62 @@ def failure_report(error: BaseException, cfg: Config, run_dir: Path) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run raytrain; returns the exit code."""
-    args = parse_args(argv)
+def train(args: argparse.Namespace, program: str = PROG) -> int:
+    """Run the training command; returns the exit code."""
     console = Console()
     started = time.perf_counter()
+    run_dir = None
     try:
-        fail_at = parse_fail_at(os.environ.get("RAYTRAIN_FAIL_AT"))
+        fail_at = parse_fail_at(os.environ.get(FAIL_AT_ENV))
         cfg, run_dir = prepare(args)
-    except UserError as e:
-        return _error(str(e))
-    if ":" in cfg.model.name:
-        from raytrain.model import load_model_class
+        if ":" in cfg.model.name:  # a model that cannot be imported is said before Ray starts
+            from raytrain.model import load_model_class
 
-        try:  # a model that cannot be imported is said before Ray starts
             load_model_class(cfg.model.name)
-        except UserError as e:
-            if args.resume is None:
-                _discard_if_unused(run_dir)
-            return _error(str(e))
+        # Imported here so that bad input is reported before torch and Ray are loaded.
+        from raytrain import driver
 
-    # Imported here so that bad input is reported before torch and Ray are loaded.
-    import ray.train
-
-    from raytrain import driver
-
-    try:
         with connect(cfg) as plan:
             # After ray.init, which installs a SIGTERM handler of its own that just dies.
             signal.signal(signal.SIGTERM, _interrupt)
             console.header(header(cfg, plan, run_dir, resumed=args.resume is not None))
             driver.run(cfg, plan, run_dir, console, fail_at, report=not args.no_report)
     except UserError as e:
-        if args.resume is None:
-            _discard_if_unused(run_dir)
-        return _error(str(e))
-    except ray.train.TrainingFailedError as e:
-        console.line(failure_report(e, cfg, run_dir))
-        return EXIT_FAILED
+        if run_dir is not None and args.resume is None:
+            runs.discard_if_unused(run_dir)
+        return cli.error(str(e))
     except KeyboardInterrupt:
+        if run_dir is None:
+            return EXIT_INTERRUPTED  # before anything was started
         console.line(
             f"raytrain: interrupted; checkpoints are kept in {run_dir}\n"
-            f"raytrain: continue with: {runs.resume_command(run_dir)}"
+            f"raytrain: continue with: {runs.resume_command(run_dir, program)}"
         )
         return EXIT_INTERRUPTED
-    console.line(
-        f"done in {time.perf_counter() - started:.1f} s; results in {run_dir}/results.json"
-    )
+    except Exception as e:
+        if not _training_failed(e):
+            raise  # a bug: keep its traceback
+        console.line(failure_report(e, cfg, run_dir, program))
+        return EXIT_FAILED
+    results = runs.display(run_dir / runs.RESULTS_FILE)
+    console.line(f"done in {time.perf_counter() - started:.1f} s; results in {results}")
     return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m raytrain.main ARGS``: the same as ``raytrain train ARGS``."""
+    return train(cli.build_train_parser(PROG).parse_args(argv), PROG)
+
+
+def _training_failed(error: Exception) -> bool:
+    """Whether Ray Train gave up on the run (it raises TrainingFailedError subclasses)."""
+    train = sys.modules.get("ray.train")  # not imported: the error came before Ray started
+    return train is not None and isinstance(error, train.TrainingFailedError)
 
 
 def _interrupt(signum, frame) -> None:
     # SIGTERM takes the same way out as Ctrl-C: stop Ray, keep the checkpoints, say how to resume.
     raise KeyboardInterrupt
-
-
-def _error(message: str) -> int:
-    print(f"raytrain: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def _describe_failure(rank: int, error: BaseException) -> str:
@@ -255,26 +187,9 @@ def _describe_failure(rank: int, error: BaseException) -> str:
         how = f" (exit type {exit_type.group(1)})" if exit_type else ""
         return f"worker rank {rank} died: {died.group(1)}{how}"
     # gloo prefixes its messages with a source path that means nothing to a user.
-    message = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(error))
+    message = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
     return f"worker rank {rank} failed: {type(error).__name__}: {message[:160]}"
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-def _discard_if_unused(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but the config this run just wrote."""
-    if {p.name for p in run_dir.iterdir()} <= {runs.CONFIG_FILE}:
-        (run_dir / runs.CONFIG_FILE).unlink(missing_ok=True)
-        run_dir.rmdir()
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())

@@ -6,6 +6,7 @@ import importlib
 import inspect
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from raytrain.config import ModelConfig
 from raytrain.errors import UserError
@@ -80,5 +81,6 @@ def build_model(cfg: ModelConfig, features: int, classes: int) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper, or the model itself (DDP wraps only when world size > 1)."""
-    return getattr(model, "module", model)
+    """The model inside a DDP wrapper, or the model itself (DDP wraps only when world size > 1;
+    a user's model may have a ``module`` attribute of its own)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

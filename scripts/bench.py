@@ -19,10 +19,11 @@ over every process of the run, sampled every 0.2 s.
     python scripts/bench.py                          # both workloads, 5 repetitions
     python scripts/bench.py --reps 3 --workloads tutorial
 
-Prints a table and writes bench-results/bench.json: {"date", "machine", "command", "reps",
-"runs": [{"workload", "variant", "rep", "wall_s", "first_step_s", "ray_start_s", "epoch_s",
-"overhead_per_epoch_s", "samples_per_s", "peak_pss_mb"}], "medians": {workload: {variant: {...}}},
-"ratios": {...}}. Values a variant cannot measure are null.
+Prints a table and writes docs/benchmarks/bench.json, which docs/performance.md quotes:
+{"date", "machine", "command", "reps", "runs": [{"workload", "variant", "rep", "wall_s",
+"first_step_s", "ray_start_s", "epoch_s", "overhead_per_epoch_s", "samples_per_s",
+"peak_pss_mb"}], "medians": {workload: {variant: {...}}}, "ratios": {...}}. Values a variant
+cannot measure are null.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from raytrain.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "scripts" / "baselines"
@@ -54,19 +57,40 @@ def variants(workload: str) -> dict[str, list[str]]:
             "ray noop+DDP x4": [PY, str(BASE / "noop.py"), "4", "ddp"],
             "raytrain x4": [PY, "-m", "raytrain.main", "--workers", "4", "--no-report"],
         }
-    mlp = ["--set", "model.name=mlp", "--set", "model.hidden=[1024,1024]",
-           "--set", "data.samples=250000", "--set", "data.features=256", "--epochs", "1",
-           "--set", "train.shuffle=false", "--no-report"]  # fmt: skip
+    mlp = [
+        "--set",
+        "model.name=mlp",
+        "--set",
+        "model.hidden=[1024,1024]",
+        "--set",
+        "data.samples=250000",
+        "--set",
+        "data.features=256",
+        "--epochs",
+        "1",
+        "--set",
+        "train.shuffle=false",
+        "--no-report",
+    ]
     return {
         "plain 1 thread": [PY, str(BASE / "plain.py"), "compute", "1"],
         "plain 2 threads": [PY, str(BASE / "plain.py"), "compute", "2"],
         "torchrun x2": [*torchrun, "--nproc_per_node=2", str(BASE / "ddp.py"), "compute"],
         "ray noop x2": [PY, str(BASE / "noop.py"), "2"],
-        "raytrain 2x1": [PY, "-m", "raytrain.main", "--workers", "2", "--batch-size", "512",
-                         *mlp],
-        "raytrain 1x2": [PY, "-m", "raytrain.main", "--workers", "1", "--batch-size", "256",
-                         "--set", "scaling.cpus_per_worker=2", *mlp],
-    }  # fmt: skip
+        "raytrain 2x1": [PY, "-m", "raytrain.main", "--workers", "2", "--batch-size", "512", *mlp],
+        "raytrain 1x2": [
+            PY,
+            "-m",
+            "raytrain.main",
+            "--workers",
+            "1",
+            "--batch-size",
+            "256",
+            "--set",
+            "scaling.cpus_per_worker=2",
+            *mlp,
+        ],
+    }
 
 
 # ---- memory: PSS summed over the process tree ----------------------------------------------------
@@ -117,8 +141,9 @@ def measure(cmd: list[str], workload: str, storage: Path) -> dict:
         cmd = [*cmd, "--storage-path", str(storage), "--name", name]
     launched = time.time()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
+    )
     peak = 0.0
     done = threading.Event()
 
@@ -135,12 +160,19 @@ def measure(cmd: list[str], workload: str, storage: Path) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    row = {"wall_s": wall, "peak_pss_mb": peak, "first_step_s": None, "ray_start_s": None,
-           "epoch_s": None, "overhead_per_epoch_s": None, "samples_per_s": None}  # fmt: skip
+    row = {
+        "wall_s": wall,
+        "peak_pss_mb": peak,
+        "first_step_s": None,
+        "ray_start_s": None,
+        "epoch_s": None,
+        "overhead_per_epoch_s": None,
+        "samples_per_s": None,
+    }
     if raytrain:
         run_dir = storage / name
         results = json.loads((run_dir / "results.json").read_text())
-        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+        epochs = read_metrics(run_dir)
         first = min(w["started_at"] for w in epochs[0]["workers"])
         compute = [max(w["compute_s"] for w in e["workers"]) for e in epochs]
         span = epochs[-1]["time"] - first
@@ -153,7 +185,7 @@ def measure(cmd: list[str], workload: str, storage: Path) -> dict:
         )
     else:
         line = next(x for x in out.splitlines() if x.startswith("BENCH "))
-        bench = json.loads(line[len("BENCH "):])
+        bench = json.loads(line[len("BENCH ") :])
         row["first_step_s"] = bench["first_step_at"] - launched
         if "epoch_s" in bench:
             row.update(
@@ -174,9 +206,10 @@ def median_of(rows: list[dict], key: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--workloads", nargs="+", default=["tutorial", "compute"],
-                        choices=["tutorial", "compute"])  # fmt: skip
-    parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench.json"))
+    parser.add_argument(
+        "--workloads", nargs="+", default=["tutorial", "compute"], choices=["tutorial", "compute"]
+    )
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "bench.json"))
     args = parser.parse_args()
     storage = Path(tempfile.mkdtemp(prefix="raytrain-bench-"))
     runs = []
@@ -185,10 +218,20 @@ def main() -> None:
             for variant, cmd in variants(workload).items():
                 row = measure(cmd, workload, storage)
                 runs.append({"workload": workload, "variant": variant, "rep": rep, **row})
-                print(f"rep {rep + 1}/{args.reps} {workload:8} {variant:16} "
-                      f"{row['wall_s']:6.1f} s {row['peak_pss_mb']:7.0f} MB", file=sys.stderr)
-    keys = ["wall_s", "first_step_s", "ray_start_s", "epoch_s", "overhead_per_epoch_s",
-            "samples_per_s", "peak_pss_mb"]  # fmt: skip
+                print(
+                    f"rep {rep + 1}/{args.reps} {workload:8} {variant:16} "
+                    f"{row['wall_s']:6.1f} s {row['peak_pss_mb']:7.0f} MB",
+                    file=sys.stderr,
+                )
+    keys = [
+        "wall_s",
+        "first_step_s",
+        "ray_start_s",
+        "epoch_s",
+        "overhead_per_epoch_s",
+        "samples_per_s",
+        "peak_pss_mb",
+    ]
     medians: dict = {}
     for workload in args.workloads:
         medians[workload] = {}
@@ -219,9 +262,15 @@ def main() -> None:
         print(f"{name}: {value:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores",
-              "command": " ".join(["python", *sys.argv]), "reps": args.reps, "runs": runs,
-              "medians": medians, "ratios": ratios}  # fmt: skip
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores",
+        "command": " ".join(["python", *sys.argv]),
+        "reps": args.reps,
+        "runs": runs,
+        "medians": medians,
+        "ratios": ratios,
+    }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -231,17 +280,21 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_table(medians: dict) -> None:
-    print("workload | variant | wall s | first step s | Ray start s | epoch s | "
-          "overhead/epoch ms | samples/s | peak PSS MB")  # fmt: skip
+    print(
+        "workload | variant | wall s | first step s | Ray start s | epoch s | "
+        "overhead/epoch ms | samples/s | peak PSS MB"
+    )
     print("--- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---:")
     for workload, by_variant in medians.items():
         for variant, m in by_variant.items():
             per_epoch = m["overhead_per_epoch_s"]
             overhead = None if per_epoch is None else per_epoch * 1000
-            print(f"{workload} | {variant} | {_fmt(m['wall_s'], '.1f')} | "
-                  f"{_fmt(m['first_step_s'], '.1f')} | {_fmt(m['ray_start_s'], '.1f')} | "
-                  f"{_fmt(m['epoch_s'], '.3f')} | {_fmt(overhead, '.1f')} | "
-                  f"{_fmt(m['samples_per_s'], ',.0f')} | {_fmt(m['peak_pss_mb'], ',.0f')}")
+            print(
+                f"{workload} | {variant} | {_fmt(m['wall_s'], '.1f')} | "
+                f"{_fmt(m['first_step_s'], '.1f')} | {_fmt(m['ray_start_s'], '.1f')} | "
+                f"{_fmt(m['epoch_s'], '.3f')} | {_fmt(overhead, '.1f')} | "
+                f"{_fmt(m['samples_per_s'], ',.0f')} | {_fmt(m['peak_pss_mb'], ',.0f')}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data at scale: does the driver's memory stay flat as the data grows; how fast do workers ingest?
 
-For each size it generates the synthetic data set as Parquet (python -m raytrain.data generate),
+For each size it generates the synthetic data set as Parquet (raytrain data generate),
 then trains one epoch with 2 workers, streaming (python -m raytrain.main ... --set
 data.ingest=stream). It records the driver's peak RSS, sampled every 0.1 s, and its two parts: the
 driver's own memory (anonymous + file-backed pages) and the object store's shared memory that Ray
@@ -12,7 +12,8 @@ and the phases.
     python scripts/bench_data.py                       # 10^5, 10^6, 10^7 rows
     python scripts/bench_data.py --sizes 1e5 1e6 1e7 1e8 --work-dir /big/disk
 
-Prints a table and writes bench-results/data.json. Generated data is kept in --work-dir and reused.
+Prints a table and writes docs/benchmarks/data.json, which docs/performance.md quotes. Generated
+data is kept in --work-dir and reused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from raytrain.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,8 +58,9 @@ def run_sampled(cmd: list[str]) -> dict[str, float]:
     """Run the driver, sampling its memory every 0.1 s: peak RSS, and the peak of the part that is
     its own (anonymous + file-backed) apart from the object store's shared memory, which Ray maps
     into every process that reads a block (bounded by the store's size, not the driver's)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     peak = {"rss": 0.0, "own": 0.0, "shmem": 0.0}
     done = threading.Event()
 
@@ -82,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     parser.add_argument("--work-dir", default="/tmp/raytrain-bench-data")
-    parser.add_argument("--out", default=str(ROOT / "bench-results" / "data.json"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "data.json"))
     parser.add_argument("--batch-size", type=int, default=4096)
     args = parser.parse_args()
     work = Path(args.work_dir)
@@ -92,8 +96,19 @@ def main() -> None:
         data_dir = work / f"rows-{rows}"
         if not any(data_dir.glob("*.parquet")):
             started = time.perf_counter()
-            run([sys.executable, "-m", "raytrain.data", "generate", "--rows", str(rows),
-                 "--out", str(data_dir)])  # fmt: skip
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "raytrain",
+                    "data",
+                    "generate",
+                    "--rows",
+                    str(rows),
+                    "--out",
+                    str(data_dir),
+                ]
+            )
             generated = time.perf_counter() - started
         else:
             generated = None
@@ -102,14 +117,30 @@ def main() -> None:
         name = f"bench-{rows}-{int(time.time())}"
         started = time.perf_counter()
         memory = run_sampled(
-            [sys.executable, "-m", "raytrain.main", "--workers", "2", "--epochs", "1",
-             "--batch-size", str(args.batch_size), "--set", f"data.path={data_dir}",
-             "--set", "data.ingest=stream", "--no-report", "--storage-path", str(storage),
-             "--name", name]
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "raytrain.main",
+                "--workers",
+                "2",
+                "--epochs",
+                "1",
+                "--batch-size",
+                str(args.batch_size),
+                "--set",
+                f"data.path={data_dir}",
+                "--set",
+                "data.ingest=stream",
+                "--no-report",
+                "--storage-path",
+                str(storage),
+                "--name",
+                name,
+            ]
+        )
         wall = time.perf_counter() - started
         results = json.loads((storage / name / "results.json").read_text())
-        epoch = [json.loads(line) for line in (storage / name / "metrics.jsonl").open()][-1]
+        epoch = read_metrics(storage / name)[-1]
         per_worker = [w["samples_per_s"] for w in epoch["workers"]]
         rows_out.append(
             {
@@ -127,14 +158,24 @@ def main() -> None:
             }
         )
         print(f"done: {rows:,} rows", file=sys.stderr)
-    header = ("rows", "Parquet MB", "driver peak RSS MB", "of it own MB", "object store mapped MB",
-              "ingest rows/s/worker", "epoch s", "wall s")  # fmt: skip
+    header = (
+        "rows",
+        "Parquet MB",
+        "driver peak RSS MB",
+        "of it own MB",
+        "object store mapped MB",
+        "ingest rows/s/worker",
+        "epoch s",
+        "wall s",
+    )
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in rows_out:
-        print(f"{r['rows']:,} | {r['parquet_mb']:,.1f} | {r['driver_peak_rss_mb']:,.0f} | "
-              f"{r['driver_peak_own_mb']:,.0f} | {r['driver_peak_object_store_mapped_mb']:,.0f} | "
-              f"{r['ingest_rows_per_s_per_worker']:,} | {r['epoch_s']} | {r['wall_s']}")
+        print(
+            f"{r['rows']:,} | {r['parquet_mb']:,.1f} | {r['driver_peak_rss_mb']:,.0f} | "
+            f"{r['driver_peak_own_mb']:,.0f} | {r['driver_peak_object_store_mapped_mb']:,.0f} | "
+            f"{r['ingest_rows_per_s_per_worker']:,} | {r['epoch_s']} | {r['wall_s']}"
+        )
     growth = {
         key: max(r[key] for r in rows_out) / rows_out[0][key] - 1
         for key in ("driver_peak_rss_mb", "driver_peak_own_mb")
@@ -144,11 +185,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores",
-        "command": " ".join(sys.argv), "workers": 2, "batch_size": args.batch_size,
-        "sizes": rows_out, "driver_rss_growth": growth["driver_peak_rss_mb"],
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores",
+        "command": " ".join(sys.argv),
+        "workers": 2,
+        "batch_size": args.batch_size,
+        "sizes": rows_out,
+        "driver_rss_growth": growth["driver_peak_rss_mb"],
         "driver_own_growth": growth["driver_peak_own_mb"],
-    }  # fmt: skip
+    }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

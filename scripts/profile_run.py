@@ -81,8 +81,9 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = f"{ROOT / 'scripts' / 'baselines'}:{ROOT}"
     launched = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env
+    )
     cpu: dict[int, tuple[float, str]] = {}  # last CPU seconds seen per process
     timeline, peak, peak_rows = [], 0.0, []
     last_t, last_idle = time.time(), _idle_s()
@@ -105,8 +106,14 @@ def main() -> None:
         dt = now - last_t
         top = sorted((s for s in spent if s[0] > 0.02 * dt), reverse=True)[:3]
         busy, free = sum(s for s, _ in spent) / dt, (idle - last_idle) / dt
-        timeline.append((round(now - launched, 1), round(busy, 2), round(free, 2),
-                         [[round(s, 2), n] for s, n in top]))  # fmt: skip
+        timeline.append(
+            (
+                round(now - launched, 1),
+                round(busy, 2),
+                round(free, 2),
+                [[round(s, 2), n] for s, n in top],
+            )
+        )
         last_t, last_idle = now, idle
 
     print(f"{'t s':>6} {'busy':>5} {'idle':>5}  top processes (CPU s in the interval)")
@@ -124,12 +131,19 @@ def main() -> None:
         print(f"{mb:7.1f}  {name}")
     out = ROOT / "bench-results" / f"profile-{args.workload}-{args.variant.replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": " ".join(cmd), "timeline": timeline,
-        "cpu_s": [[round(s, 2), n] for s, n in by_cpu],
-        "peak_pss_mb": round(peak, 1),
-        "pss_mb": [[round(mb, 1), n] for mb, n in sorted(peak_rows, reverse=True)],
-    }, indent=1) + "\n")  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(cmd),
+                "timeline": timeline,
+                "cpu_s": [[round(s, 2), n] for s, n in by_cpu],
+                "peak_pss_mb": round(peak, 1),
+                "pss_mb": [[round(mb, 1), n] for mb, n in sorted(peak_rows, reverse=True)],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
 
 

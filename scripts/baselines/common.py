@@ -14,13 +14,27 @@ from torch import nn
 
 WORKLOADS = {
     # The tutorial: tiny and overhead-bound.
-    "tutorial": {"rows": 800, "features": 10, "hidden": (), "classes": 2, "batch": 32,
-                 "epochs": 10, "lr": 0.01},
+    "tutorial": {
+        "rows": 800,
+        "features": 10,
+        "hidden": (),
+        "classes": 2,
+        "batch": 32,
+        "epochs": 10,
+        "lr": 0.01,
+    },
     # Compute-bound: an MLP 256 -> 1024 -> 1024 -> 2 on 200,000 rows, one epoch, 256 rows per
     # worker per step.
-    "compute": {"rows": 200_000, "features": 256, "hidden": (1024, 1024), "classes": 2,
-                "batch": 256, "epochs": 1, "lr": 0.01},
-}  # fmt: skip
+    "compute": {
+        "rows": 200_000,
+        "features": 256,
+        "hidden": (1024, 1024),
+        "classes": 2,
+        "batch": 256,
+        "epochs": 1,
+        "lr": 0.01,
+    },
+}
 
 
 def data(w: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +73,12 @@ def train(net, x, y, w, batch: int) -> dict:
             compute += time.perf_counter() - t
         epoch_s.append(time.perf_counter() - started)
         compute_s.append(compute)
-    return {"first_step_at": first, "epoch_s": epoch_s, "compute_s": compute_s,
-            "samples_per_s": len(y) * w["epochs"] / sum(epoch_s)}  # fmt: skip
+    return {
+        "first_step_at": first,
+        "epoch_s": epoch_s,
+        "compute_s": compute_s,
+        "samples_per_s": len(y) * w["epochs"] / sum(epoch_s),
+    }
 
 
 def emit(result: dict) -> None:

@@ -40,14 +40,15 @@ with cluster.connect(cfg) as plan:
         loop,
         train_loop_config={"stamp": STAMP, "ddp": sys.argv[2:] == ["ddp"]},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.workers, use_gpu=False,
+            num_workers=plan.workers,
+            use_gpu=False,
             resources_per_worker={"CPU": plan.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             storage_path=tempfile.mkdtemp(prefix="raytrain-noop-"),
             logging_config=ray.train.LoggingConfig("ERROR"),
         ),
-    )  # fmt: skip
+    )
     trainer.fit()
 with open(STAMP) as f:
     print(f'BENCH {{"first_step_at": {float(f.read())}}}', flush=True)

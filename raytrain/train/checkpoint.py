@@ -3,7 +3,10 @@
 - ``state.pt``: model and optimizer state, the epoch, the torch RNG state and the config, saved with
   ``torch.save`` and loaded with ``weights_only=True``, so a file carrying pickled code is refused,
   never executed;
-- ``meta.json``: a small readable summary (epoch, metrics, the SHA-256 of ``state.pt``).
+- ``meta.json``: a small readable summary (format, epoch, metrics, the SHA-256 of ``state.pt``).
+
+Rank 0 writes it and hands it to Ray Train (``report``), which persists it as
+``RUN_DIR/checkpoint_epoch_NNNNNN`` and keeps the latest ``train.checkpoints_to_keep``.
 """
 
 from __future__ import annotations
@@ -11,18 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from raytrain.errors import UserError
+from raytrain.errors import UserError, first_line
 from raytrain.model import unwrap
+from raytrain.runs import checkpoint_name
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-FORMAT = 1
+FORMAT = 1  # raised when state.pt changes shape; load() refuses any other
 
 
 class CheckpointError(UserError):
@@ -70,9 +75,14 @@ def load(directory: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {str(directory)!r} has no {path.name}")
     try:
         meta = json.loads(meta_path.read_text())
-        expected = meta["sha256"]
-    except (ValueError, KeyError, TypeError):
+        expected, found = meta["sha256"], meta.get("format")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not readable") from None
+    if found != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} has format {found!r}, but this raytrain reads "
+            f"format {FORMAT}; use the raytrain version that wrote it"
+        )
     if _sha256(state_path) != expected:
         raise CheckpointError(
             f"checkpoint {str(state_path)!r} does not match its recorded SHA-256 "
@@ -81,12 +91,44 @@ def load(directory: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {str(state_path)!r} cannot be loaded safely: {reason}"
+            f"checkpoint {str(state_path)!r} cannot be loaded safely: {first_line(e)}"
         ) from None
     state["meta"] = meta
     return state
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the run's latest checkpoint (Ray Train's, inside the worker loop) into ``model``,
+    ``optimizer`` and torch's RNG; returns the epochs it had done (0 without a checkpoint)."""
+    import ray.train
+
+    saved = ray.train.get_checkpoint()
+    if saved is None:
+        return 0
+    with saved.as_directory() as directory:
+        state = load(directory)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"]
+
+
+def report(rank: int, epoch: int, metrics: dict[str, Any], **state: Any) -> None:
+    """Hand the checkpoint after ``epoch`` epochs to Ray Train. A barrier: every rank calls it;
+    rank 0 writes the checkpoint (``state``: ``save``'s arguments), the others pass none."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as tmp:
+        save(tmp, epoch=epoch, metrics=metrics, **state)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=checkpoint_name(epoch),
+        )
 
 
 def _sha256(path: Path) -> str:

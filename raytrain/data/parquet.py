@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -18,10 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raytrain.data.tables import xy_table
 from raytrain.errors import UserError
 
-FEATURES = "x"
-LABEL = "y"
 _PATH = "path"  # the column Ray Data adds with include_paths=True
 _BUCKETS = 1_000_000  # resolution of the hashed validation split
 
@@ -56,7 +55,6 @@ class FileStats:
     label_max: int | None = None
     width_min: int | None = None
     width_max: int | None = None
-    files: list[str] = field(default_factory=list)
 
 
 def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source:
@@ -113,14 +111,15 @@ def _check_schema(
     label_type = schema.field(label).type
     if not pa.types.is_integer(label_type):
         raise DataError(
-            f"{file}: label column {label!r} is {label_type}; labels must be integers "
-            "0..classes-1"
+            f"{file}: label column {label!r} is {label_type}; labels must be integers 0..classes-1"
         )
     if len(feature_columns) == 1:
         column = feature_columns[0]
         kind = schema.field(column).type
-        if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(
-            kind
+        if (
+            pa.types.is_fixed_size_list(kind)
+            or pa.types.is_list(kind)
+            or pa.types.is_large_list(kind)
         ):
             if not _numeric(kind.value_type):
                 raise DataError(
@@ -177,8 +176,8 @@ def scan_batch(
     batch: pa.Table, feature_columns: Sequence[str], label_column: str, val_fraction: float
 ) -> pa.Table:
     """Per-file statistics of one batch (a Ray Data map_batches function)."""
-    out: dict[str, list] = {k: [] for k in ("path", "rows", "val_rows", "nonfinite", "label_min",
-                                            "label_max", "width_min", "width_max")}  # fmt: skip
+    keys = ("path", "rows", "val_rows", "nonfinite", "label_min", "label_max")
+    out: dict[str, list] = {k: [] for k in (*keys, "width_min", "width_max")}
     paths = batch.column(_PATH).to_numpy(zero_copy_only=False)
     for path in np.unique(paths):
         part = batch.filter(pa.array(paths == path))
@@ -208,26 +207,8 @@ def scan_batch(
 
 def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
     """One streaming pass over every row: per-file statistics, and DataError for bad rows."""
-    import ray.data
-
-    rows = (
-        ray.data.read_parquet(
-            list(source.files),
-            filesystem=source.filesystem,
-            columns=source.columns,
-            include_paths=True,
-        )
-        .map_batches(
-            scan_batch,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "feature_columns": source.feature_columns,
-                "label_column": source.label_column,
-                "val_fraction": val_fraction,
-            },
-        )
-        .take_all()
-    )
+    scanned = _read_mapped(source, scan_batch, include_paths=True, val_fraction=val_fraction)
+    rows = scanned.take_all()
     stats = {file: FileStats() for file in source.files}
     for row in rows:
         s = stats.setdefault(_match(row["path"], stats), FileStats())
@@ -288,17 +269,55 @@ def to_xy(
     val_fraction: float = 0.0,
     keep: str = "all",
 ) -> pa.Table:
-    """A batch as the standard ``x`` (fixed-size list of float32) / ``y`` (int64) columns.
+    """A batch as ``x``/``y`` rows (raytrain.data.tables).
 
     ``keep`` is "train" or "val" to keep one side of the hashed validation split, or "all".
     """
     x = features_of(batch, feature_columns)
-    y = batch.column(label_column).to_numpy(zero_copy_only=False).astype(np.int64)
+    y = batch.column(label_column).to_numpy(zero_copy_only=False)
     if keep != "all":
         held_out = in_validation(x, val_fraction)
         rows = held_out if keep == "val" else ~held_out
         x, y = x[rows], y[rows]
-    flat = pa.array(np.ascontiguousarray(x).reshape(-1))
-    return pa.table(
-        {FEATURES: pa.FixedSizeListArray.from_arrays(flat, x.shape[1]), LABEL: pa.array(y)}
+    return xy_table(x, y)
+
+
+def read_xy(source: Source, val_fraction: float = 0.0, keep: str = "all"):
+    """A lazy Ray Dataset of the source's ``x``/``y`` rows (``keep`` as in ``to_xy``)."""
+    return _read_mapped(source, to_xy, val_fraction=val_fraction, keep=keep)
+
+
+def _read_mapped(source: Source, fn, include_paths: bool = False, **kwargs):
+    """The source's files read by Ray Data, every batch mapped by ``fn(batch, feature_columns,
+    label_column, **kwargs)`` as an Arrow table."""
+    import ray.data
+
+    return ray.data.read_parquet(
+        list(source.files),
+        filesystem=source.filesystem,
+        columns=source.columns,
+        include_paths=include_paths,
+    ).map_batches(
+        fn,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "feature_columns": source.feature_columns,
+            "label_column": source.label_column,
+            **kwargs,
+        },
     )
+
+
+def check_validation(stats: dict[str, FileStats], width: int, classes: int) -> int:
+    """Check separate validation files against the training data; returns their row count."""
+    for file, s in stats.items():
+        if s.rows and s.width_min != width:
+            raise DataError(
+                f"{file}: {s.width_min} features per row, but the training data has {width}"
+            )
+        if s.rows and s.label_max >= classes:
+            raise DataError(
+                f"{file}: label {s.label_max} is outside the training data's classes "
+                f"0..{classes - 1}"
+            )
+    return sum(s.rows for s in stats.values())

@@ -1,0 +1,90 @@
+"""The one generator of synthetic rows, used both for a run's in-memory data and for the Parquet
+files ``raytrain data generate`` writes: the same seed gives the same rows either way.
+
+A data set is a sequence of blocks. Block ``b`` draws its rows from torch's generator seeded by
+``seed`` for block 0 (so ``labels="random"`` is exactly the tutorial's ``torch.manual_seed(seed)``;
+``torch.randn``; ``torch.randint``) and by a seed derived from ``(seed, b)`` for the others, so
+blocks can be written in parallel. ``labels="rule"`` labels rows by a hidden linear map, drawn
+from a generator of its own (the same for every block), plus Gaussian noise: a linear model can
+learn it, but not perfectly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raytrain.config import DataConfig
+from raytrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Held-in and held-out rows as tensors."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+
+def _derived_seed(*words: int) -> int:
+    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def draw(
+    rows: int, cfg: DataConfig, block: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """Block ``block`` of the data set ``cfg`` describes: ``rows`` features and labels, and the
+    block's generator (for whatever the caller draws next)."""
+    gen = torch.Generator().manual_seed(cfg.seed if block == 0 else _derived_seed(cfg.seed, block))
+    x = torch.randn(rows, cfg.features, generator=gen)
+    if cfg.labels == "random":
+        return x, torch.randint(0, cfg.classes, (rows,), generator=gen), gen
+    rule_gen = torch.Generator().manual_seed(_derived_seed(cfg.seed))
+    rule = torch.randn(cfg.features, cfg.classes, generator=rule_gen)
+    noise = cfg.label_noise * torch.randn(rows, cfg.classes, generator=gen)
+    return x, (x @ rule + noise).argmax(dim=1), gen
+
+
+def make_synthetic(cfg: DataConfig) -> Split:
+    """``cfg.samples`` rows (block 0), with ``cfg.val_fraction`` of them held out at random."""
+    x, y, gen = draw(cfg.samples, cfg)
+    order = torch.randperm(cfg.samples, generator=gen)
+    n_val = math.ceil(cfg.samples * cfg.val_fraction)
+    # Sorted, so both splits keep the rows in the order they were generated.
+    val, train = order[:n_val].sort().values, order[n_val:].sort().values
+    return Split(x[train], y[train], x[val], y[val])
+
+
+def write_block(index: int, rows: int, out: str, cfg: DataConfig) -> tuple[str, int]:
+    """Write block ``index`` as ``out/part-NNNNN.parquet``; returns its path and row count."""
+    import pyarrow.parquet as pq
+
+    from raytrain.data.tables import xy_table
+
+    x, y, _ = draw(rows, cfg, index)
+    path = f"{out}/part-{index:05d}.parquet"
+    pq.write_table(xy_table(x.numpy(), y.numpy()), path, row_group_size=min(rows, 131072))
+    return path, rows
+
+
+def generate(rows: int, out: str, rows_per_file: int, cfg: DataConfig) -> list[tuple[str, int]]:
+    """Write ``rows`` rows as Parquet files of ``rows_per_file`` rows, one Ray task per file
+    (needs a connected Ray), so that no row passes through the driver."""
+    import ray
+
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    if any(name.endswith(".parquet") for name in os.listdir(out)):
+        raise UserError(f"--out {out!r} already holds Parquet files; choose an empty directory")
+    task = ray.remote(num_cpus=1)(write_block)
+    starts = range(0, rows, rows_per_file)
+    refs = [
+        task.remote(i, min(rows_per_file, rows - start), out, cfg) for i, start in enumerate(starts)
+    ]
+    return ray.get(refs)

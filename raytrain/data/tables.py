@@ -1,0 +1,35 @@
+"""The row format every part of raytrain exchanges: an Arrow table with ``x``, a fixed-size list
+of float32 features, and ``y``, an int64 class label. It is standard Arrow, so Parquet files
+written from it open in any Arrow tool (pandas, DuckDB, Spark)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+FEATURES = "x"
+LABEL = "y"
+
+
+def xy_table(x: np.ndarray, y: np.ndarray) -> pa.Table:
+    """The table of features ``x`` (rows, features) and labels ``y`` (rows,)."""
+    flat = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+    return pa.table(
+        {
+            FEATURES: pa.FixedSizeListArray.from_arrays(flat, x.shape[1]),
+            LABEL: pa.array(np.asarray(y, dtype=np.int64)),
+        }
+    )
+
+
+def to_tensors(tables: list[pa.Table]):
+    """The rows of ``x``/``y`` tables as two tensors of their own (copied: tables fetched from
+    the object store are read-only views of it)."""
+    import torch
+
+    table = pa.concat_tables(tables)
+    features = table.schema.field(FEATURES).type.list_size
+    # flatten() honours a slice's offset (.values would not); to_numpy() is zero-copy here.
+    x = table.column(FEATURES).combine_chunks().flatten().to_numpy()
+    y = table.column(LABEL).to_numpy()
+    return torch.tensor(x).view(-1, features), torch.tensor(y)
