@@ -1,4 +1,8 @@
-"""One embedded Ray for the whole test session, and helpers that run real trainings on it."""
+"""One embedded Ray for the whole test session, and helpers that run real trainings on it.
+
+Tests that start Ray in any way carry the ``ray`` marker: ``scripts/test -m "not ray"`` runs the
+rest in well under a minute.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from raytrain import checkpoint, cluster, config, driver, runs
-from raytrain.metrics import read_metrics
-from raytrain.report import Console
+from raytrain import cluster, config, driver, runs
+from raytrain.report.console import Console
+from raytrain.train import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +32,15 @@ def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.Comp
         env=env,
         timeout=timeout,
     )
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single ``raytrain: error:`` line of a command that failed on bad input."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raytrain: error: "), proc.stderr
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +62,7 @@ class Trained:
         self.results = results
         self.console = console_text
         self.run_dir = Path(results["run_dir"])
-        self.metrics = read_metrics(self.run_dir)
+        self.metrics = runs.read_metrics(self.run_dir)
         self.state = checkpoint.load(results["checkpoint"])
 
 
@@ -57,14 +70,19 @@ class Trained:
 def train(ray_session, tmp_path_factory):
     """train(*overrides) runs raytrain in-process on the session's Ray, with --set overrides."""
 
-    def run(*overrides: str, cores: int = 2, fail_at: tuple[int, int] | None = None) -> Trained:
+    def run(
+        *overrides: str,
+        cores: int = 2,
+        fail_at: tuple[int, int] | None = None,
+        report: bool = False,
+    ) -> Trained:
         storage = tmp_path_factory.mktemp("runs")
         cfg = config.load(overrides=list(overrides), flags={"run.storage_path": str(storage)})
         plan = cluster.plan_embedded(cfg, cores)
         run_dir = runs.claim(cfg)
         runs.save_config(run_dir, cfg)
         out = io.StringIO()
-        results = driver.run(cfg, plan, run_dir, Console(out), fail_at, report=False)
+        results = driver.run(cfg, plan, run_dir, Console(out), fail_at, report=report)
         return Trained(cfg, results, out.getvalue())
 
     return run

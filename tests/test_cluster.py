@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, one_error_line
 
+pytestmark = pytest.mark.ray
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -49,11 +50,16 @@ class RayCluster:
         try:
             self._start(
                 "head",
-                ["--head", f"--port={self.port}", f"--temp-dir={tmp / 'ray'}",
-                 "--include-dashboard=true", f"--dashboard-port={self.dashboard_port}",
-                 "--dashboard-host=127.0.0.1"],
+                [
+                    "--head",
+                    f"--port={self.port}",
+                    f"--temp-dir={tmp / 'ray'}",
+                    "--include-dashboard=true",
+                    f"--dashboard-port={self.dashboard_port}",
+                    "--dashboard-host=127.0.0.1",
+                ],
                 head,
-            )  # fmt: skip
+            )
             self._wait_for_nodes(1)
             # One at a time: on 2 cores, nodes that start together time out registering.
             for i, cpus in enumerate(workers):
@@ -65,11 +71,15 @@ class RayCluster:
 
     def _start(self, name: str, args: list[str], cpus: int) -> None:
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        cmd = [f"{VENV_BIN}/ray", "start", "--block", f"--num-cpus={cpus}",
-               "--disable-usage-stats", *args]  # fmt: skip
-        self.procs.append(
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        )
+        cmd = [
+            f"{VENV_BIN}/ray",
+            "start",
+            "--block",
+            f"--num-cpus={cpus}",
+            "--disable-usage-stats",
+            *args,
+        ]
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env))
 
     def _wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         script = (
@@ -86,9 +96,14 @@ class RayCluster:
             f"while sum(n['Alive'] for n in ray.nodes()) < {count}:\n"
             "    assert time.time() < deadline, 'nodes did not join'\n"
             "    time.sleep(0.5)\n"
-        )  # fmt: skip
-        subprocess.run([sys.executable, "-c", script], env=self.env, check=True,
-                       timeout=timeout + 30, capture_output=True)  # fmt: skip
+        )
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env=self.env,
+            check=True,
+            timeout=timeout + 30,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
         # SIGTERM makes `ray start --block` stop the Ray processes it started: only ours.
@@ -126,9 +141,18 @@ def raytrain(cluster: RayCluster, *args: str, env: dict | None = None, timeout: 
 
 def test_spread_workers_over_nodes_and_validate_on_the_driver(ray_cluster, tmp_path):
     proc = raytrain(
-        ray_cluster, "--address", ray_cluster.address, "--workers", "3", "--epochs", "2",
-        "--set", "scaling.placement_strategy=SPREAD", "--storage-path", str(tmp_path),
-    )  # fmt: skip
+        ray_cluster,
+        "--address",
+        ray_cluster.address,
+        "--workers",
+        "3",
+        "--epochs",
+        "2",
+        "--set",
+        "scaling.placement_strategy=SPREAD",
+        "--storage-path",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"Ray cluster at {ray_cluster.address} (3 nodes)" in proc.stdout
     assert "validation  acc" in proc.stdout
@@ -142,51 +166,96 @@ def test_spread_workers_over_nodes_and_validate_on_the_driver(ray_cluster, tmp_p
 
 
 def test_submit_as_a_ray_job(ray_cluster, tmp_path):
-    proc = subprocess.run(
-        [f"{VENV_BIN}/ray", "job", "submit",
-         f"--address=http://127.0.0.1:{ray_cluster.dashboard_port}", f"--working-dir={ROOT}",
-         "--", "python", "-m", "raytrain.main", "--workers", "2", "--epochs", "2",
-         "--storage-path", str(tmp_path)],
-        capture_output=True, text=True, env=ray_cluster.env, timeout=300,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
+    submit = [
+        f"{VENV_BIN}/ray",
+        "job",
+        "submit",
+        f"--address=http://127.0.0.1:{ray_cluster.dashboard_port}",
+        f"--working-dir={ROOT}",
+        "--",
+        "python",
+        "-m",
+        "raytrain.main",
+        "--workers",
+        "2",
+        "--epochs",
+        "2",
+        "--storage-path",
+        str(tmp_path),
+    ]
+    for _ in range(10):
+        proc = subprocess.run(
+            submit, capture_output=True, text=True, env=ray_cluster.env, timeout=300
+        )
+        out = proc.stdout + proc.stderr
+        # Ray's own answer while the head's job agent is still starting: "try again later".
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, out
     assert "succeeded" in out and "validation  acc" in out, out
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "results.json").exists()
 
 
-def _fails_fast(proc: subprocess.CompletedProcess, started: float, *needles: str) -> None:
-    elapsed = time.monotonic() - started
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("raytrain: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+def _fails_clearly(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    line = one_error_line(proc)
     for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert elapsed < 20, f"took {elapsed:.1f} s"
+        assert needle in line, line
 
 
 def test_unreachable_address_is_a_clear_error_in_seconds(ray_cluster, tmp_path):
     nobody = f"127.0.0.1:{free_port()}"
-    started = time.monotonic()
     proc = raytrain(ray_cluster, "--address", nobody, "--storage-path", str(tmp_path))
-    _fails_fast(proc, started, nobody, "cannot reach")
+    _fails_clearly(proc, nobody, "cannot reach")
     assert not any(tmp_path.iterdir()), "a failed start left a run directory behind"
 
 
 def test_missing_token_is_a_clear_error_in_seconds(ray_cluster, tmp_path):
-    started = time.monotonic()
     proc = raytrain(
-        ray_cluster, "--address", ray_cluster.address, "--storage-path", str(tmp_path),
+        ray_cluster,
+        "--address",
+        ray_cluster.address,
+        "--storage-path",
+        str(tmp_path),
         env={"RAY_AUTH_MODE": "disabled"},
-    )  # fmt: skip
-    _fails_fast(proc, started, "refused authentication", "RAY_AUTH_MODE=token")
+    )
+    _fails_clearly(proc, "refused authentication", "RAY_AUTH_MODE=token")
 
 
 def test_request_larger_than_the_cluster_is_a_clear_error_in_seconds(ray_cluster, tmp_path):
-    started = time.monotonic()
     proc = raytrain(
-        ray_cluster, "--address", ray_cluster.address, "--workers", "5",
-        "--storage-path", str(tmp_path),
-    )  # fmt: skip
-    _fails_fast(proc, started, "5 workers", "= 5 CPUs", "has 3 CPUs on 3 node(s)")
+        ray_cluster,
+        "--address",
+        ray_cluster.address,
+        "--workers",
+        "5",
+        "--storage-path",
+        str(tmp_path),
+    )
+    _fails_clearly(proc, "5 workers", "= 5 CPUs", "has 3 CPUs on 3 node(s)")
+
+
+def test_storage_check_that_times_out_is_one_line_and_shuts_ray_down(ray_cluster, tmp_path):
+    """The check that every node sees the storage directory gives up after its timeout (here 0 s,
+    so that the nodes cannot answer in time): one line, exit 2, and Ray is shut down."""
+    script = (
+        "import sys, ray\n"
+        "from raytrain import cluster\n"
+        "from raytrain.main import main\n"
+        "cluster._STORAGE_CHECK_TIMEOUT_S = 0\n"
+        f"argv = ['--address', {ray_cluster.address!r}, '--storage-path', {str(tmp_path)!r}]\n"
+        "code = main(argv)\n"
+        "print('connected' if ray.is_initialized() else 'shut down')\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ray_cluster.env,
+        timeout=300,
+    )
+    _fails_clearly(proc, "did not say within 0 s", "run.storage_path", str(tmp_path))
+    assert proc.stdout.splitlines()[-1] == "shut down"

@@ -8,9 +8,10 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from raytrain import config
+from raytrain import cli, config
 from raytrain.config import Config
-from raytrain.main import EXIT_USAGE, main
+from raytrain.errors import EXIT_USAGE
+from raytrain.main import main
 
 from .conftest import ROOT
 
@@ -32,6 +33,43 @@ def test_shipped_config_files_load():
     assert config.load(ROOT / "configs/default.yaml") == Config()
     seed = config.load(ROOT / "configs/seed.yaml")
     assert seed.data.labels == "random" and seed.model.name == "simple"
+
+
+def test_default_yaml_lists_every_field_of_the_schema_with_its_default():
+    import yaml
+
+    written = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    defaults = Config().to_dict()
+    assert list(written) == list(defaults)
+    for section, fields in defaults.items():
+        assert list(written[section]) == list(fields), section
+        for name, value in fields.items():
+            given = written[section][name]
+            assert (list(given) if isinstance(given, list) else given) == value, (section, name)
+
+
+def _numeric_fields():
+    for section, model in config.sections().items():
+        for name, field in model.model_fields.items():
+            kind = str(field.annotation)
+            if "float" in kind or "int" in kind:
+                yield f"{section}.{name}", "float" in kind
+
+
+@pytest.mark.parametrize(("dotted", "is_float"), list(_numeric_fields()))
+def test_every_numeric_field_refuses_values_torch_cannot_take(dotted, is_float, capsys, tmp_path):
+    """Not finite, or below what the field allows: one line before anything starts."""
+    bad = ["inf", "-inf", "nan", "-1"] if is_float else ["-1", "1.5", "inf"]
+    if dotted.endswith(".seed"):
+        bad.append(str(2**63))
+    for value in bad:
+        assert main(["--set", f"{dotted}={value}", "--storage-path", str(tmp_path)]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.startswith(f"raytrain: error: invalid value for {dotted}") or (
+            dotted == "scaling.workers" and "scaling.workers" in err
+        ), (value, err)
+        assert err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
 
 
 def test_precedence_flags_over_set_over_file_over_defaults(tmp_path):
@@ -63,6 +101,10 @@ def test_config_is_frozen():
         (["--batch-size", "3", "--workers", "4"], ["train.batch_size", "3", "4"]),
         (["--lr", "0"], ["train.lr", "0"]),
         (["--lr", "-0.1"], ["train.lr", "-0.1"]),
+        (["--lr", "inf"], ["train.lr", "inf", "finite"]),
+        (["--seed", "-1"], ["train.seed", "-1"]),
+        (["--workers", "two"], ["scaling.workers", "two", "MIN-MAX"]),
+        (["--workers", "4-2"], ["min_workers", "4", "MIN <= MAX"]),
         (["--epochs", "0"], ["train.epochs", "0"]),
         (["--set", "train.lr_schedule=cosine"], ["train.lr_schedule", "lr"]),
         (["--set", "trian.lr=0.1"], ["trian", "train"]),
@@ -141,8 +183,15 @@ def test_cluster_launcher_config_is_valid_yaml_with_the_needed_keys():
     import yaml
 
     launcher = yaml.safe_load((ROOT / "configs/cluster.yaml").read_text())
-    needed = ["cluster_name", "provider", "available_node_types", "head_node_type",
-              "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"]  # fmt: skip
+    needed = [
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ]
     for key in needed:
         assert key in launcher, key
     assert launcher["head_node_type"] in launcher["available_node_types"]
@@ -165,7 +214,7 @@ def test_kuberay_rayjob_manifest_is_valid_yaml_with_the_needed_keys():
     for group in cluster["workerGroupSpecs"]:
         (container,) = group["template"]["spec"]["containers"]
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
-    # The entrypoint must parse as raytrain flags.
-    from raytrain.main import parse_args
-
-    parse_args(spec["entrypoint"].split()[3:])
+    # The entrypoint must parse as raytrain flags, into a valid config.
+    args = cli.build_train_parser("raytrain train").parse_args(spec["entrypoint"].split()[3:])
+    cfg = config.load(args.config, args.set, cli.config_flags(args))
+    assert cfg.run.address == "auto" and cfg.scaling.workers > 1

@@ -1,12 +1,15 @@
-"""Synthetic data: shapes, split sizes, determinism, the tutorial's draws, the Arrow form."""
+"""Synthetic data: shapes, split sizes, determinism, the tutorial's draws, one generator for
+memory and Parquet, the Arrow form."""
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from raytrain.config import DataConfig
-from raytrain.data import make_synthetic, to_arrow, to_tensors
+from raytrain.data.synthetic import draw, make_synthetic, write_block
+from raytrain.data.tables import to_tensors, xy_table
 
 
 def test_shapes_and_split_sizes():
@@ -54,9 +57,30 @@ def test_rule_labels_are_learnable_and_balanced():
     assert ((x1 @ w).squeeze(1) > 0).long().eq(split.train_y).float().mean() > 0.85
 
 
+def test_one_generator_for_a_runs_data_and_the_parquet_files(tmp_path):
+    """`raytrain data generate` writes, block by block, the rows a synthetic run trains on."""
+    cfg = DataConfig(samples=300, features=4, classes=3, seed=5)
+    x, y, _ = draw(300, cfg)
+    path, rows = write_block(0, 300, str(tmp_path), cfg)
+    x_file, y_file = to_tensors([pq.read_table(path)])
+    assert rows == 300 and torch.equal(x_file, x) and torch.equal(y_file, y)
+    split = make_synthetic(cfg)
+    held = torch.cat([split.train_x, split.val_x])
+    assert torch.equal(held[torch.argsort(held[:, 0])], x[torch.argsort(x[:, 0])])
+    # Other blocks are other rows of the same data set: the same hidden rule labels them.
+    x1, y1, _ = draw(300, cfg, block=1)
+    assert not torch.equal(x1, x)
+    rule_cfg = DataConfig(samples=300, features=4, classes=3, seed=5, label_noise=0.0)
+    (a, la, _), (b, lb, _) = draw(300, rule_cfg), draw(300, rule_cfg, block=1)
+    w = torch.linalg.lstsq(
+        torch.cat([a, b]), torch.nn.functional.one_hot(torch.cat([la, lb])).float()
+    ).solution
+    assert (torch.cat([a, b]) @ w).argmax(1).eq(torch.cat([la, lb])).float().mean() > 0.9
+
+
 def test_arrow_table_round_trip():
     split = make_synthetic(DataConfig(samples=50))
-    table = to_arrow(split.train_x, split.train_y)
+    table = xy_table(split.train_x.numpy(), split.train_y.numpy())
     assert table.schema.field("x").type == pa.list_(pa.float32(), 10)
     assert table.schema.field("y").type == pa.int64()
     # Two blocks, the second a slice (an offset into its buffers), as the object store holds them.

@@ -3,28 +3,26 @@ bad data refused up front with the file and column named, and a user's own model
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raytrain import data
 from raytrain.config import DataConfig
-from raytrain.main import EXIT_USAGE, main
-from raytrain.parquet import DataError, in_validation
+from raytrain.data.datasets import build_datasets
+from raytrain.data.parquet import DataError, in_validation
+from raytrain.errors import EXIT_USAGE
+from raytrain.main import main
 
-from .conftest import ROOT
+from .conftest import one_error_line, run_module
+
+pytestmark = pytest.mark.ray  # all but two start Ray; those two are cheap
 
 
 def generate(out, rows, *extra):
-    proc = subprocess.run(
-        [sys.executable, "-m", "raytrain.data", "generate", "--rows", str(rows), "--out", str(out),
-         *extra],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+    proc = run_module(
+        "raytrain", "data", "generate", "--rows", str(rows), "--out", str(out), *extra
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -62,12 +60,8 @@ def test_ray_reads_back_what_was_written(ray_session, parquet_7x3):
 
 
 def test_generate_refuses_a_directory_with_data(parquet_7x3):
-    proc = subprocess.run(
-        [sys.executable, "-m", "raytrain.data", "generate", "--rows", "10", "--out",
-         str(parquet_7x3)], capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2 and "already holds Parquet files" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = run_module("raytrain", "data", "generate", "--rows", "10", "--out", str(parquet_7x3))
+    assert "already holds Parquet files" in one_error_line(proc)
 
 
 def test_hashed_validation_split_is_stable_and_about_the_fraction():
@@ -80,9 +74,12 @@ def test_hashed_validation_split_is_stable_and_about_the_fraction():
 @pytest.mark.parametrize("ingest", ["memory", "stream"])
 def test_training_on_parquet_with_7_features_and_3_classes(train, parquet_7x3, ingest):
     trained = train(
-        f"data.path={parquet_7x3}", f"data.ingest={ingest}", "scaling.workers=2",
-        "train.epochs=1", "train.lr=0.1",
-    )  # fmt: skip
+        f"data.path={parquet_7x3}",
+        f"data.ingest={ingest}",
+        "scaling.workers=2",
+        "train.epochs=1",
+        "train.lr=0.1",
+    )
     assert tuple(trained.state["model"]["fc.weight"].shape) == (3, 7)
     val = trained.results["validation"]
     assert 1000 < val["rows"] < 1400  # ~20% held out by the hashed split
@@ -98,7 +95,7 @@ def test_separate_validation_path(ray_session, parquet_7x3, tmp_path):
     val_dir.mkdir()
     table = pq.read_table(parquet_7x3 / "part-00000.parquet")
     pq.write_table(table.slice(0, 1000), val_dir / "v.parquet")
-    sets = data.build_datasets(DataConfig(path=str(parquet_7x3), val_path=str(val_dir)), 2)
+    sets = build_datasets(DataConfig(path=str(parquet_7x3), val_path=str(val_dir)), 2)
     assert (sets.train_rows, sets.val_rows, sets.features, sets.classes) == (6000, 1000, 7, 3)
     assert sets.val.count() == 1000 and sets.train.count() == 6000
 
@@ -183,9 +180,18 @@ def no_such_path(d):
     return ["does not exist", str(d)]
 
 
-BAD = [missing_column, wrong_label_dtype, wrong_feature_dtype, ragged_features, nan_features,
-       infinite_features, negative_labels, empty_dataset, no_parquet_files,
-       no_such_path]  # fmt: skip
+BAD = [
+    missing_column,
+    wrong_label_dtype,
+    wrong_feature_dtype,
+    ragged_features,
+    nan_features,
+    infinite_features,
+    negative_labels,
+    empty_dataset,
+    no_parquet_files,
+    no_such_path,
+]
 
 
 @pytest.mark.parametrize("make", BAD, ids=[f.__name__ for f in BAD])
@@ -193,7 +199,7 @@ def test_bad_data_is_refused_before_training(ray_session, tmp_path, make):
     where = tmp_path / "data"
     needles = make(where)
     with pytest.raises(DataError) as caught:
-        data.build_datasets(DataConfig(path=str(where)), workers=2)
+        build_datasets(DataConfig(path=str(where)), workers=2)
     message = str(caught.value)
     assert "\n" not in message
     for needle in needles:
@@ -205,21 +211,49 @@ def test_validation_labels_outside_the_training_classes(ray_session, tmp_path):
     _write(tmp_path / "train" / "t.parquet", _fixed(x), pa.array(y))
     _write(tmp_path / "val" / "v.parquet", _fixed(x), pa.array(y + 5))
     with pytest.raises(DataError, match=r"v\.parquet: label 6 .* classes 0\.\.1"):
-        data.build_datasets(
+        build_datasets(
             DataConfig(path=str(tmp_path / "train"), val_path=str(tmp_path / "val")), workers=2
         )
 
 
 def test_bad_data_from_the_command_line_is_one_line_and_exit_2(tmp_path):
     nan_features(tmp_path / "data")
-    proc = subprocess.run(
-        [sys.executable, "-m", "raytrain.main", "--set", f"data.path={tmp_path / 'data'}",
-         "--storage-path", str(tmp_path / "runs")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("raytrain: error:")]
-    assert len(errors) == 1 and "c.parquet" in errors[0] and "Traceback" not in proc.stderr
+    proc = run_module(
+        "raytrain.main",
+        "--set",
+        f"data.path={tmp_path / 'data'}",
+        "--storage-path",
+        str(tmp_path / "runs"),
+    )
+    assert "c.parquet" in one_error_line(proc)
+
+
+def test_auto_ingest_counts_one_copy_per_worker_on_a_node(ray_session, parquet_7x3):
+    """4,800 training rows x (7 x 4 + 8) bytes = 0.17 MB per copy: with a 0.3 MB limit one copy
+    fits in memory, two copies on one node do not."""
+    cfg = DataConfig(path=str(parquet_7x3), memory_limit_mb=0.3)
+    assert build_datasets(cfg, workers=2, copies_per_node=1).ingest == "memory"
+    assert build_datasets(cfg, workers=2, copies_per_node=2).ingest == "stream"
+
+
+def test_streamed_elastic_run_needs_a_batch_every_worker_count_divides(parquet_7x3, tmp_path):
+    """--workers 2-4 may start with 3 workers: a global batch of 32 cannot be dealt out in equal
+    local batches to 3, and the run says so instead of training with 30."""
+    proc = run_module(
+        "raytrain.main",
+        "--workers",
+        "2-4",
+        "--set",
+        f"data.path={parquet_7x3}",
+        "--set",
+        "data.ingest=stream",
+        "--storage-path",
+        str(tmp_path),
+    )
+    line = one_error_line(proc)
+    for needle in ("train.batch_size = 32", "3 workers", "2-4", "multiple of 12"):
+        assert needle in line, line
+    assert not any(tmp_path.iterdir())
 
 
 # ---- a user's own model --------------------------------------------------------------------------
@@ -227,9 +261,12 @@ def test_bad_data_from_the_command_line_is_one_line_and_exit_2(tmp_path):
 
 def test_custom_model_from_a_module_in_the_test_folder(train):
     trained = train(
-        "model.name=tests.custom_model:TinyNet", "model.kwargs={width: 5}", "scaling.workers=2",
-        "train.epochs=3", "train.lr=0.3",
-    )  # fmt: skip
+        "model.name=tests.custom_model:TinyNet",
+        "model.kwargs={width: 5}",
+        "scaling.workers=2",
+        "train.epochs=3",
+        "train.lr=0.3",
+    )
     weights = trained.state["model"]
     assert tuple(weights["body.0.weight"].shape) == (5, 10)
     assert tuple(weights["head.weight"].shape) == (2, 5)

@@ -1,9 +1,9 @@
-"""What a run leaves behind and shows, without Ray: the metrics file and TensorBoard events written
-by the real callback, the console view, the report command, the run list.
+"""What a run leaves behind and shows, without starting Ray: the metrics file and TensorBoard
+events written by rank 0's writer, the console view, the report, the run list.
 
-Run directories are built from files: MetricsLog.write is called with rows made by the worker's own
-functions (epoch_totals, worker_row), as rank 0 does, and results.json is written by write_results,
-as the driver does.
+Run directories are built from files: MetricsLog is called with rows made by the worker's own
+functions (epoch_totals, worker_row), as rank 0 does; results.json holds phases computed by the
+driver's own function and is written by runs.write_results, as the driver does.
 """
 
 from __future__ import annotations
@@ -15,24 +15,25 @@ import os
 import queue
 import re
 import struct
-import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from ray.train import Checkpoint
-from tensorboardX.crc32c import crc32c
-from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raytrain import report
+from raytrain import runs
 from raytrain.config import Config
-from raytrain.metrics import Follower, MetricsLog, read_metrics
-from raytrain.report import Console, write_results
-from raytrain.worker import epoch_totals, worker_row
+from raytrain.driver import phases
+from raytrain.report.console import Console
+from raytrain.report.listing import print_runs
+from raytrain.report.page import write_report
+from raytrain.train.metrics import MetricsLog, epoch_totals, worker_row
 
-from .conftest import run_module
+from .conftest import one_error_line, run_module
 
 NODE = "7e858184a603ad0f1e223df89491f4ba336f951ed0be3290d833356c"
+T0 = time.time() - 100  # when the fixture's first worker group started
 
 
 def worker_stats(epoch: int, workers: int = 2) -> list[dict]:
@@ -46,39 +47,52 @@ def worker_stats(epoch: int, workers: int = 2) -> list[dict]:
             "rows": rows,
             "epoch_time_s": 0.2 + 0.01 * rank + 0.001 * epoch,
             "compute_s": 0.15,
-            "started_at": 1795749337.0 + epoch,
+            "started_at": T0 + 10 + epoch,
         }
         for rank in range(workers)
     ]
 
 
-def write_epoch(log: MetricsLog, epoch: int, saved: Checkpoint | None = None) -> dict:
+def start_facts(workers: int = 2) -> list[dict]:
+    """Where each worker runs and when its start-up steps ended, as the loop gathers them."""
+    return [
+        {
+            "rank": r,
+            "node_id": NODE,
+            "node_ip": f"10.0.0.{5 + r}",
+            "loop_start": T0 + 4,
+            "model_built": T0 + 6,
+            "model_ready": T0 + 6.5,
+            "data_ready": T0 + 7,
+        }
+        for r in range(workers)
+    ]
+
+
+def write_epoch(log: MetricsLog, epoch: int, first: bool = False, save: bool = False) -> dict:
     """What rank 0 writes at the end of ``epoch``; returns the row."""
     stats = worker_stats(epoch)
-    places = [{"rank": r, "node_id": NODE, "node_ip": "10.0.0.5"} for r in range(len(stats))]
-    workers = [worker_row(s, p) for s, p in zip(stats, places, strict=True)]
-    return log.write(epoch_totals(epoch, stats), workers, saved.path if saved else None)
+    facts = start_facts()
+    if not first:
+        facts = [{k: f[k] for k in ("rank", "node_id", "node_ip")} for f in facts]
+    workers = [worker_row(s, f) for s, f in zip(stats, facts, strict=True)]
+    saved = str(log.run_dir / runs.checkpoint_name(epoch)) if save else None
+    if save:
+        (log.run_dir / runs.checkpoint_name(epoch)).mkdir(exist_ok=True)
+    return log.write(epoch_totals(epoch, stats), workers, saved)
 
 
-def checkpoint_dir(run_dir: Path, epoch: int) -> Checkpoint:
-    path = run_dir / f"checkpoint_2026-11-27_03-15-{epoch:02}.000000"
-    path.mkdir()
-    (path / "meta.json").write_text(json.dumps({"epoch": epoch}))
-    return Checkpoint.from_directory(str(path))
-
-
-def train_files(run_dir: Path, epochs: int, checkpoint_every: int = 2) -> MetricsLog:
-    """metrics.jsonl, TensorBoard events, checkpoints and Ray Train's snapshot for ``epochs``."""
+def train_files(run_dir: Path, epochs: range, session: str = "s1", every: int = 2) -> MetricsLog:
+    """What one start of the worker group leaves: its start line, rows, TensorBoard events,
+    checkpoints every ``every`` epochs, and Ray Train's snapshot naming the latest one."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(str(run_dir))
-    latest = None
-    for epoch in range(1, epochs + 1):
-        saved = checkpoint_dir(run_dir, epoch) if epoch % checkpoint_every == 0 else None
-        write_epoch(log, epoch, saved)
-        if saved is not None:
-            latest = {"checkpoint_dir_name": Path(saved.path).name, "metrics": {"epoch": epoch}}
+    log = MetricsLog(run_dir, session, epochs.start - 1)
+    for epoch in epochs:
+        write_epoch(log, epoch, first=epoch == epochs.start, save=epoch % every == 0)
+    saved = [e for e in epochs if e % every == 0]
+    latest = {"checkpoint_dir_name": runs.checkpoint_name(saved[-1])} if saved else None
     snapshot = {"ray_version": "2.60.0", "latest_checkpoint_result": latest}
-    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    (run_dir / runs.RAY_SNAPSHOT_FILE).write_text(json.dumps(snapshot))
     return log
 
 
@@ -88,11 +102,10 @@ def config_dict(epochs: int) -> dict:
     return cfg
 
 
-def finished_run(run_dir: Path, epochs: int = 4, phases: bool = True) -> dict:
-    """A finished run's files, results.json as the driver writes it."""
-    train_files(run_dir, epochs)
-    (run_dir / "config.json").write_text(json.dumps(config_dict(epochs)))
-    rows = read_metrics(run_dir)
+def finish(run_dir: Path, epochs: int) -> dict:
+    """results.json as the driver writes it at the end of a session."""
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps(config_dict(epochs)))
+    rows = runs.read_metrics(run_dir)
     results = {
         "run": run_dir.name,
         "run_dir": str(run_dir),
@@ -112,53 +125,33 @@ def finished_run(run_dir: Path, epochs: int = 4, phases: bool = True) -> dict:
         "cpus_per_worker": 1.0,
         "threads_per_worker": 1,
         "wall_time_s": {"train": 21.2, "total": 23.7},
+        "phases": phases(
+            rows,
+            ray_start=3.1,
+            data_preparation=1.9,
+            fit_window=(T0, rows[-1]["time"] + 1.5),
+            validation=0.4,
+        ),
+        "segments": runs.history(run_dir),
         "config": config_dict(epochs),
     }
-    if phases:
-        results["phases"] = {
-            "data_preparation": 1.93,
-            "startup": 11.27,
-            "training": 8.11,
-            "validation": 0.42,
-        }
-    write_results(run_dir, results)
+    runs.write_results(run_dir, results)
     return results
 
 
-def masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_events(directory: Path) -> list[tuple[str, Event]]:
-    """Every event in a TensorBoard directory, as (file name, event), checking each record's CRCs
-    (the TFRecord format TensorBoard reads: length, its CRC, payload, its CRC)."""
-    events = []
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            header = data[pos : pos + 8]
-            (length,) = struct.unpack("<Q", header)
-            assert struct.unpack("<I", data[pos + 8 : pos + 12])[0] == masked_crc(header)
-            payload = data[pos + 12 : pos + 12 + length]
-            assert len(payload) == length, f"{path.name}: truncated record"
-            (crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
-            assert crc == masked_crc(payload)
-            events.append((path.name, Event.FromString(payload)))
-            pos += 16 + length
-    return events
+def finished_run(run_dir: Path, epochs: int = 4) -> dict:
+    train_files(run_dir, range(1, epochs + 1))
+    return finish(run_dir, epochs)
 
 
 def scalars(directory: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value}; a later event for the same step wins, as TensorBoard shows it."""
-    found: dict[str, dict[int, float]] = {}
-    for _, event in read_events(directory):
-        for value in event.summary.value:
-            found.setdefault(value.tag, {})[event.step] = value.simple_value
-    return found
+    """tag -> {step: value}, as TensorBoard itself reads the event files (purges included)."""
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
-# --- metrics.jsonl and TensorBoard, written by the callback -------------------------------------
+# --- metrics.jsonl and TensorBoard ------------------------------------------------------------
 
 
 def test_epochs_are_visible_while_the_run_is_still_training(tmp_path):
@@ -166,13 +159,13 @@ def test_epochs_are_visible_while_the_run_is_still_training(tmp_path):
     read_metrics see it before the next epoch is even written."""
     seen: queue.Queue = queue.Queue()
     proceed = threading.Event()
-    log = MetricsLog(str(tmp_path))
     failures = []
 
-    def controller() -> None:
+    def rank0() -> None:
         try:
+            log = MetricsLog(tmp_path, "s1", 0)
             for epoch in range(1, 4):
-                write_epoch(log, epoch)
+                write_epoch(log, epoch, first=epoch == 1)
                 if not proceed.wait(10):
                     failures.append(f"the driver never saw epoch {epoch}")
                     return
@@ -180,13 +173,14 @@ def test_epochs_are_visible_while_the_run_is_still_training(tmp_path):
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             failures.append(repr(e))
 
-    with Follower(tmp_path, seen.put):
-        thread = threading.Thread(target=controller)
+    with runs.Follower(tmp_path, seen.put):
+        thread = threading.Thread(target=rank0)
         thread.start()
+        assert seen.get(timeout=10)["start"]["from_epoch"] == 0
         for epoch in range(1, 4):
             row = seen.get(timeout=10)
             assert row["epoch"] == epoch
-            assert [r["epoch"] for r in read_metrics(tmp_path)] == list(range(1, epoch + 1))
+            assert [r["epoch"] for r in runs.read_metrics(tmp_path)] == list(range(1, epoch + 1))
             assert [w["rank"] for w in row["workers"]] == [0, 1]
             assert row["workers"][1]["epoch_time_s"] == pytest.approx(0.21 + 0.001 * epoch)
             proceed.set()
@@ -196,17 +190,19 @@ def test_epochs_are_visible_while_the_run_is_still_training(tmp_path):
 
 
 def test_a_line_still_being_written_is_not_yet_a_row(tmp_path):
-    train_files(tmp_path, epochs=2)
-    whole = (tmp_path / "metrics.jsonl").read_text()
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write(whole.splitlines()[0][:40])  # the controller is half way through epoch 3
-    assert [row["epoch"] for row in read_metrics(tmp_path)] == [1, 2]
-    report.write_report(tmp_path)  # the report of a run in progress does not trip over it
+    train_files(tmp_path, range(1, 3))
+    whole = (tmp_path / runs.METRICS_FILE).read_text()
+    with open(tmp_path / runs.METRICS_FILE, "a") as f:
+        f.write(whole.splitlines()[1][:40])  # rank 0 is half way through writing epoch 3
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [1, 2]
+    _, html = write_report(tmp_path)  # the report of a run in progress does not trip over it
+    epochs = html.read_text().split("<h2>Epochs</h2>")[1]
+    assert re.findall(r"<tr><td>(\d+)</td>", epochs) == ["1", "2"]
 
 
 def test_metrics_rows_keep_their_fields(tmp_path):
-    train_files(tmp_path, epochs=2)
-    rows = read_metrics(tmp_path)
+    train_files(tmp_path, range(1, 3))
+    rows = runs.read_metrics(tmp_path)
     assert set(rows[0]) == {
         "epoch",
         "loss",
@@ -219,16 +215,17 @@ def test_metrics_rows_keep_their_fields(tmp_path):
         "workers",
     }
     assert rows[0]["checkpoint"] is None
-    assert rows[1]["checkpoint"] == str(tmp_path / "checkpoint_2026-11-27_03-15-02.000000")
+    assert rows[1]["checkpoint"] == str(tmp_path / "checkpoint_epoch_000002")
+    assert set(rows[0]["workers"][0]) >= {"rank", "node_id", "loop_start", "data_ready"}
     assert set(rows[1]["workers"][0]) >= {"rank", "node_id", "loss", "epoch_time_s", "rows"}
 
 
 def test_tensorboard_has_every_epochs_scalars_as_soon_as_it_ends(tmp_path):
-    log = MetricsLog(str(tmp_path))
+    log = MetricsLog(tmp_path, "s1", 0)
     for epoch in (1, 2, 3):
         row = write_epoch(log, epoch)
         # Read while the writer is still open: what TensorBoard sees during training.
-        found = scalars(tmp_path / "tensorboard")
+        found = scalars(tmp_path / runs.TENSORBOARD_DIR)
         expected = {
             "train/loss": row["loss"],
             "train/accuracy": row["accuracy"],
@@ -241,30 +238,29 @@ def test_tensorboard_has_every_epochs_scalars_as_soon_as_it_ends(tmp_path):
         for tag, value in expected.items():
             assert sorted(found[tag]) == list(range(1, epoch + 1)), tag
             assert found[tag][epoch] == pytest.approx(value, rel=1e-6), tag
-    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
 
 
-def test_tensorboard_hides_epochs_trained_again(tmp_path):
-    """A restart trains epochs again and a resumed run starts a new writer: each new file starts
-    with a purge marker at its first epoch, so TensorBoard drops the older values from there."""
-    log = train_files(tmp_path, epochs=4)
-    write_epoch(log, 3)  # the worker group restarted at epoch 3
-    resumed = MetricsLog(str(tmp_path))  # a resumed run, continuing after epoch 4
-    write_epoch(resumed, 5)
+def test_epochs_trained_again_are_shown_once_and_the_file_says_what_was_superseded(tmp_path):
+    """The worker group restarts from the checkpoint of epoch 2 after writing epoch 4 (a killed
+    worker), then the driver is killed after epoch 5 and the run resumed from epoch 4."""
+    train_files(tmp_path, range(1, 5), session="s1")  # checkpoints at 2 and 4
+    train_files(tmp_path, range(3, 6), session="s1")  # a restart from epoch 2
+    train_files(tmp_path, range(5, 8), session="s2")  # --resume from epoch 4
+    starts = [line["start"] for line in runs.read_lines(tmp_path) if "start" in line]
+    assert [(s["from_epoch"], s["supersedes"]) for s in starts] == [(0, []), (2, [3, 4]), (4, [5])]
+    rows = runs.read_metrics(tmp_path)
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5, 6, 7]
+    found = scalars(tmp_path / runs.TENSORBOARD_DIR)
+    assert sorted(found["train/loss"]) == [1, 2, 3, 4, 5, 6, 7]
+    assert found["train/loss"][5] == pytest.approx(rows[4]["loss"])
+    segments = runs.history(tmp_path)
+    assert [(s["session"], s["from_epoch"], s["to_epoch"], s["restarts"]) for s in segments] == [
+        ("s1", 0, 5, 1),
+        ("s2", 4, 7, 0),
+    ]
 
-    events = read_events(tmp_path / "tensorboard")
-    files = sorted({name for name, _ in events})
-    assert len(files) == 3
-    starts = {
-        name: event.step
-        for name, event in events
-        if event.HasField("session_log") and event.session_log.status == SessionLog.START
-    }
-    assert sorted(starts.values()) == [1, 3, 5]
-    assert sorted(scalars(tmp_path / "tensorboard")["train/loss"]) == [1, 2, 3, 4, 5]
 
-
-# --- the console --------------------------------------------------------------------------------
+# --- the console ------------------------------------------------------------------------------
 
 
 class Terminal(io.StringIO):
@@ -277,12 +273,12 @@ class Terminal(io.StringIO):
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def test_console_off_a_terminal_prints_the_plain_lines_only(tmp_path):
+def test_console_off_a_terminal_prints_the_plain_lines_only():
     out = io.StringIO()
     console = Console(out)
-    row = {**epoch_totals(5, worker_stats(5)), "checkpoint": "/x/checkpoint_1"}
-    with console.training(10):
-        console.epoch(row, 10)
+    row = {**epoch_totals(5, worker_stats(5)), "checkpoint": "/x/checkpoint_epoch_000005"}
+    with console.training(10, "s1"):
+        console.show(row)
     console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 200})
     assert out.getvalue().splitlines() == [
         "epoch  5/10  loss 0.1400  acc  99.0%      1,860 samples/s  0.215 s  checkpoint",
@@ -290,14 +286,44 @@ def test_console_off_a_terminal_prints_the_plain_lines_only(tmp_path):
     ]
 
 
-def test_console_on_a_terminal_shows_a_live_bar_above_which_epochs_stay(tmp_path):
+def test_console_writes_to_stdout_as_it_is_when_it_is_made(capsys):
+    Console().line("hello")
+    assert capsys.readouterr().out == "hello\n"
+
+
+def test_console_shows_each_epoch_once_across_a_restart():
+    out = io.StringIO()
+    console = Console(out)
+    lines = [
+        {"start": {"session": "me", "from_epoch": 0, "supersedes": [], "time": T0}},
+        *[epoch_totals(e, worker_stats(e)) for e in (1, 2, 3)],
+        {"start": {"session": "me", "from_epoch": 1, "supersedes": [2, 3], "time": T0 + 9}},
+        *[epoch_totals(e, worker_stats(e)) for e in (2, 3, 4)],
+    ]
+    with console.training(4, "me"):
+        for line in lines:
+            console.show(line)
+    shown = out.getvalue().splitlines()
+    assert [line.split()[1] for line in shown if line.startswith("epoch")] == [
+        "1/4",
+        "2/4",
+        "3/4",
+        "4/4",
+    ]
+    assert shown[3] == (
+        "restart: the worker group restarted from the checkpoint of epoch 1; "
+        "epochs 2-3 are trained again"
+    )
+
+
+def test_console_on_a_terminal_shows_a_live_bar_above_which_epochs_stay():
     """A resumed run: the first epoch shown is 6 of 8."""
     out = Terminal()
     console = Console(out)
     console.header([("run", "r1 (resumed)")])
-    with console.training(8):
+    with console.training(8, "s2"):
         for epoch in (6, 7, 8):
-            console.epoch(epoch_totals(epoch, worker_stats(epoch)), 8)
+            console.show(epoch_totals(epoch, worker_stats(epoch)))
     console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 200})
     text = ANSI.sub("", out.getvalue())
     lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
@@ -314,14 +340,9 @@ def test_console_on_a_terminal_shows_a_live_bar_above_which_epochs_stay(tmp_path
         re.search(r"epoch 7/8 .*loss 0\.1000 acc 99\.0% 1,843 samples/s ETA 0:00:0\d", line)
         for line in bar
     ), bar
-    assert "epoch 8/8" in text
 
 
-# --- the report ---------------------------------------------------------------------------------
-
-
-def run_report(*args: str) -> subprocess.CompletedProcess:
-    return run_module("raytrain.report", *args, timeout=120)
+# --- the report -------------------------------------------------------------------------------
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -329,16 +350,20 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def cells(page: str, after: str) -> list[str]:
+    """The table cells of the first table after the heading ``after``."""
+    return re.findall(r"<td>([^<]*)</td>", page.split(after)[1].split("</table>")[0])
+
+
 def test_report_command_writes_a_figure_and_a_page_with_the_numbers(tmp_path):
     run_dir = tmp_path / "r1"
-    finished_run(run_dir)
-    proc = run_report(str(run_dir))
+    results = finished_run(run_dir)
+    proc = run_module("raytrain", "report", str(run_dir), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         f"wrote {run_dir / 'report.png'}",
         f"wrote {run_dir / 'report.html'}",
     ]
-
     png = (run_dir / "report.png").read_bytes()
     assert png_size(png) == (1400, 900)
     assert 30_000 < len(png) < 400_000
@@ -346,74 +371,66 @@ def test_report_command_writes_a_figure_and_a_page_with_the_numbers(tmp_path):
     embedded = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert embedded and base64.b64decode(embedded.group(1)) == png
     assert "<script" not in page and "http" not in page  # self-contained
-    cells = re.findall(r"<td>([^<]*)</td>", page)
-    # final train loss/accuracy, validation accuracy/loss, per-class precision and recall
-    for number in ("0.1750", "90.0%", "96.5%", "0.3687", "97.1%", "95.8%", "96.2%", "96.8%"):
-        assert number in cells, number
-    confusion = page.split("Confusion matrix")[1].split("</table>")[0]
-    assert re.findall(r"<td>([^<]*)</td>", confusion) == ["0", "102", "4", "1", "3", "91"]
-    phases = page.split("Where the time went")[1].split("</table>")[0]
-    assert re.findall(r"<td>([^<]*)</td>", phases) == [
-        "data preparation", "1.93", "9%",
-        "start-up (model, workers)", "11.27", "52%",
-        "training", "8.11", "37%",
-        "validation", "0.42", "2%",
-    ]  # fmt: skip
-    assert "10.0.0.6" in cells and NODE in cells
-    assert "4/4" in cells  # epochs done of the config's total
+    final = cells(page, "Final numbers")
+    for number in ("0.1750", "90.0%", "96.5%", "0.3687"):
+        assert number in final, number
+    assert cells(page, "Per class") == ["0", "97.1%", "96.2%", "106", "1", "95.8%", "96.8%", "94"]
+    assert cells(page, "Confusion matrix") == ["0", "102", "4", "1", "3", "91"]
+    # Every phase the driver measures, in order, with its seconds.
+    timed = cells(page, "Where the time went")
+    assert timed[0::3] == list(runs.PHASES.values())
+    assert timed[1::3] == [f"{results['phases'][k]:.2f}" for k in runs.PHASES]
+    assert "10.0.0.6" in cells(page, "Workers and placement")
+    assert "4/4" in cells(page, "Summary")
+    assert "Run history" not in page  # one uninterrupted session
 
 
-def test_report_of_an_older_run_and_of_one_still_training(tmp_path):
-    older = tmp_path / "older"
-    finished_run(older, phases=False)
-    png_path, html_path = report.write_report(older)
-    assert png_size(png_path.read_bytes()) == (1400, 900)
-    page = html_path.read_text()
-    assert "did not record its phases" in page
-    assert "<td>21.20</td>" in page and "<td>2.50</td>" in page  # fit, then the rest
+def test_report_of_a_resumed_run_says_so_and_what_each_session_cost(tmp_path):
+    train_files(tmp_path, range(1, 4), session="s1")  # the driver was killed after epoch 3
+    train_files(tmp_path, range(3, 7), session="s2")  # resumed from the checkpoint of epoch 2
+    finish(tmp_path, 6)
+    _, html = write_report(tmp_path)
+    page = html.read_text()
+    assert "resumed from the checkpoint of epoch 2" in page
+    history = cells(page, "Run history")
+    assert history[:4] == ["1", "0", "3", "0"] and history[5:9] == ["2", "2", "6", "0"]
+    segments = runs.history(tmp_path)
+    assert [history[4], history[9]] == [f"{s['seconds']:.1f}" for s in segments]
+    assert "in 2 sessions" in " ".join(cells(page, "Summary"))
+    epochs = page.split("<h2>Epochs</h2>")[1]
+    assert re.findall(r"<tr><td>(\d+)</td>", epochs) == ["1", "2", "3", "4", "5", "6"]
 
-    training = tmp_path / "training"
-    train_files(training, epochs=3)
-    png_path, html_path = report.write_report(training)
+
+def test_report_of_a_run_still_training(tmp_path):
+    train_files(tmp_path, range(1, 4))
+    png_path, html_path = write_report(tmp_path)
     assert png_size(png_path.read_bytes()) == (1400, 900)
     page = html_path.read_text()
     assert "no results.json" in page
-    assert "<td>3</td>" in page and "<td>0.2333</td>" in page  # the last epoch's row
+    assert cells(page, "Final numbers")[:2] == ["training (last epoch)", "0.2333"]
 
 
 def test_report_of_a_directory_that_is_not_a_run_is_one_clear_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
-    proc = run_report(str(tmp_path))
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert "Traceback" not in proc.stderr
-    (line,) = proc.stderr.splitlines()
-    assert line.startswith("raytrain: error: ") and str(tmp_path) in line
-    assert "metrics.jsonl" in line and "results.json" in line
+    line = one_error_line(run_module("raytrain", "report", str(tmp_path), timeout=120))
+    assert str(tmp_path) in line and "metrics.jsonl" in line and "results.json" in line
     assert not (tmp_path / "report.png").exists()
-
-
-def test_report_of_a_missing_or_damaged_run(tmp_path, capsys):
-    assert report.main([str(tmp_path / "nope")]) == 2
-    assert (
-        capsys.readouterr().err
-        == f"raytrain: error: no run directory at {str(tmp_path / 'nope')!r}\n"
-    )
     (tmp_path / "results.json").write_text("{half a fi")
-    assert report.main([str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("raytrain: error: ") and "results.json" in err and err.count("\n") == 1
+    line = one_error_line(run_module("raytrain", "report", str(tmp_path), timeout=120))
+    assert "results.json" in line and "not readable JSON" in line
+    line = one_error_line(run_module("raytrain", "report", str(tmp_path / "nope"), timeout=120))
+    assert line == f"raytrain: error: no run directory at {str(tmp_path / 'nope')!r}"
 
 
-# --- the run list -------------------------------------------------------------------------------
+# --- the run list -----------------------------------------------------------------------------
 
 
 def storage_with_runs(storage: Path) -> None:
     """Four runs, started an hour apart: finished, interrupted, incomplete, empty."""
     finished_run(storage / "done", epochs=4)
-    train_files(storage / "stopped", epochs=3)  # a checkpoint after epoch 2, no results
+    train_files(storage / "stopped", range(1, 4))  # a checkpoint after epoch 2, no results
     (storage / "stopped" / "config.json").write_text(json.dumps(config_dict(10)))
-    train_files(storage / "crashed", epochs=1)  # no checkpoint yet
+    train_files(storage / "crashed", range(1, 2))  # no checkpoint yet
     (storage / "crashed" / "config.json").write_text(json.dumps(config_dict(10)))
     (storage / "blank").mkdir()
     (storage / "blank" / "config.json").write_text(json.dumps(config_dict(10)))
@@ -422,11 +439,11 @@ def storage_with_runs(storage: Path) -> None:
         os.utime(storage / name / "config.json", (started, started))
 
 
-def test_run_list_shows_each_runs_status_newest_first(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_run_list_shows_each_runs_status_newest_first(tmp_path):
     storage_with_runs(tmp_path / "runs")
-    assert report.main(["--list"]) == 0  # the default storage path, runs
-    header, *lines = capsys.readouterr().out.splitlines()
+    proc = run_module("raytrain", "runs", str(tmp_path / "runs"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    header, *lines = proc.stdout.splitlines()
     assert header.split() == [
         "name",
         "status",
@@ -444,26 +461,33 @@ def test_run_list_shows_each_runs_status_newest_first(tmp_path, capsys, monkeypa
         ["stopped", "interrupted", "3/10", "-"],
         ["done", "finished", "4/4", "96.5%"],
     ]
-    assert table[2][-1] == "runs/stopped/checkpoint_2026-11-27_03-15-02.000000"
-    assert table[3][-1] == "runs/done/checkpoint_2026-11-27_03-15-04.000000"
+    assert table[2][-1].endswith("runs/stopped/checkpoint_epoch_000002")
+    assert table[3][-1].endswith("runs/done/checkpoint_epoch_000004")
     assert table[0][-1] == table[1][-1] == "-"
 
 
 def test_run_list_on_a_terminal_is_a_table(tmp_path):
     storage_with_runs(tmp_path)
     out = Terminal()
-    report.print_runs(tmp_path, out)
+    print_runs(tmp_path, out)
     text = ANSI.sub("", out.getvalue())
     assert f"runs in {tmp_path}" in text
     for name, status in (("done", "finished"), ("stopped", "interrupted"), ("blank", "empty")):
         assert re.search(rf"│ {name} +│ {status} +│", text), text
 
 
-def test_run_list_of_a_missing_storage_path_is_one_clear_line(tmp_path, capsys):
-    assert report.main(["--list", str(tmp_path / "nowhere")]) == 2
-    out = capsys.readouterr()
-    assert out.out == ""
-    assert out.err == (
+def test_run_list_of_a_missing_storage_path_is_one_clear_line(tmp_path):
+    line = one_error_line(run_module("raytrain", "runs", str(tmp_path / "nowhere"), timeout=120))
+    assert line == (
         f"raytrain: error: storage path {str(tmp_path / 'nowhere')!r} does not exist; "
-        "pass the --storage-path the runs were started with\n"
+        "pass the --storage-path the runs were started with"
     )
+
+
+@pytest.mark.ray
+def test_a_real_runs_report_shows_every_phase(train):
+    trained = train("scaling.workers=2", "train.epochs=2", report=True)
+    page = (trained.run_dir / runs.REPORT_HTML).read_text()
+    assert cells(page, "Where the time went")[0::3] == list(runs.PHASES.values())
+    assert set(trained.results["phases"]) == set(runs.PHASES)
+    assert png_size((trained.run_dir / runs.REPORT_PNG).read_bytes()) == (1400, 900)

@@ -2,7 +2,7 @@
 
 The reference is the tutorial's own loop (DataLoader, nn.CrossEntropyLoss, SGD), written here
 without Ray. raytrain with W workers must produce the same weights, because every global batch is
-dealt out across the workers and DDP averages their gradients (see raytrain/worker.py).
+dealt out across the workers and DDP averages their gradients (see raytrain/train/loop.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from raytrain.config import Config
-from raytrain.data import make_synthetic
+from raytrain.data.synthetic import make_synthetic
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
-from raytrain.worker import epoch_order
+from raytrain.train.loop import epoch_order
 
 TOLERANCE = 1e-5
 
@@ -64,6 +64,7 @@ def four_workers_uneven(train):
     return train("scaling.workers=4", "train.lr=0.2", *UNEVEN)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -78,6 +79,7 @@ def test_workers_compute_what_one_process_computes(train, overrides):
     assert max_weight_difference(trained.state["model"], model) < TOLERANCE
 
 
+@pytest.mark.ray
 def test_four_workers_compute_what_one_process_computes(four_workers_uneven):
     model, _, _ = tutorial_loop(four_workers_uneven.cfg)
     diff = max_weight_difference(four_workers_uneven.state["model"], model)
@@ -85,6 +87,7 @@ def test_four_workers_compute_what_one_process_computes(four_workers_uneven):
     assert diff < TOLERANCE
 
 
+@pytest.mark.ray
 def test_epoch_metrics_average_all_workers_weighted_by_rows(four_workers_uneven):
     _, history, split = tutorial_loop(four_workers_uneven.cfg)
     rows = four_workers_uneven.metrics
@@ -101,6 +104,7 @@ def test_epoch_metrics_average_all_workers_weighted_by_rows(four_workers_uneven)
         assert row["loss"] == pytest.approx(weighted, abs=1e-9)
 
 
+@pytest.mark.ray
 def test_same_seed_is_bitwise_reproducible_and_another_seed_is_not(train):
     args = ("scaling.workers=2", "train.epochs=3")
     first, second = train(*args), train(*args)
@@ -124,6 +128,7 @@ def test_epoch_order_is_seeded_per_epoch():
     assert torch.equal(first[0].sort().values, torch.arange(100))
 
 
+@pytest.mark.ray
 def test_default_run_learns_and_validates_on_the_driver(train):
     """The tutorial's defaults with 2 workers: well above chance on held-out rows, and within a
     point of the same model trained by the plain loop."""
