@@ -71,7 +71,7 @@ def display(path: Path) -> str:
     """A path to show: relative to the working directory when under it (shorter to read)."""
     try:
         return str(path.relative_to(Path.cwd()))
-    except ValueError:
+    except (ValueError, OSError):  # elsewhere, or the working directory is gone (in a Ray Job)
         return str(path)
 
 

@@ -77,6 +77,9 @@ class RayCluster:
             "--block",
             f"--num-cpus={cpus}",
             "--disable-usage-stats",
+            # Not the default 52365: another Ray on this host (the session's embedded one) may
+            # hold it, and a node whose agent cannot listen accepts no Ray Job.
+            f"--dashboard-agent-listen-port={free_port()}",
             *args,
         ]
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env))
