@@ -43,17 +43,24 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     flags the schema names; the field's description is the help."""
     for section, model in config.sections().items():
         group = parser.add_argument_group(f"{section} settings", model.__doc__)
-        for name, field in model.model_fields.items():
-            dotted = f"{section}.{name}"
-            default = field.default if field.default not in (None, {}, ()) else None
-            help_text = (field.description or "") + (f" (default: {default})" if default else "")
-            short = (field.json_schema_extra or {}).get("flag")
-            names = [f"--{short}", f"--{dotted}"] if short else [f"--{dotted}"]
-            if field.annotation is bool and short:  # --verbose, as well as --run.verbose true
-                group.add_argument(
-                    names.pop(0), dest=dotted, action="store_const", const=True, help=help_text
-                )
-            group.add_argument(*names, dest=dotted, metavar=name.upper(), help=help_text)
+        _add_fields(group, section, model)
+
+
+def _add_fields(group, prefix: str, model) -> None:
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}.{name}"
+        if hasattr(field.annotation, "model_fields"):  # a nested section: a flag per field
+            _add_fields(group, dotted, field.annotation)
+            continue
+        default = field.default if field.default not in (None, {}, ()) else None
+        help_text = (field.description or "") + (f" (default: {default})" if default else "")
+        short = (field.json_schema_extra or {}).get("flag")
+        names = [f"--{short}", f"--{dotted}"] if short else [f"--{dotted}"]
+        if field.annotation is bool and short:  # --verbose, as well as --run.verbose true
+            group.add_argument(
+                names.pop(0), dest=dotted, action="store_const", const=True, help=help_text
+            )
+        group.add_argument(*names, dest=dotted, metavar=name.upper(), help=help_text)
 
 
 def config_flags(args: argparse.Namespace) -> dict[str, Any]:

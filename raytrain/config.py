@@ -69,6 +69,12 @@ class DataConfig(_Section):
         description="'auto' keeps the training split in memory when the copies of it on one "
         "node (one per worker there) take at most this many MB.",
     )
+    normalize: Literal["auto", "none", "standard"] = Field(
+        "auto",
+        description="'standard': scale every feature to mean 0 and std 1 with the training "
+        "split's statistics (kept in the checkpoint, applied wherever the model is used); "
+        "'auto': standard for Parquet and CSV data, none for synthetic data.",
+    )
     samples: int = Field(1000, ge=2, description="Rows of synthetic data (train + validation).")
     features: int = Field(10, ge=1, description="Features per row of synthetic data.")
     classes: int = Field(
@@ -121,6 +127,20 @@ class ModelConfig(_Section):
         return v
 
 
+class EarlyStopping(_Section):
+    """Stop when the checkpoint metric has not improved for a while."""
+
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many validations without an improvement of "
+        "run.checkpoint_metric. Unset: never stop early.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="The least change of the metric that counts as an improvement."
+    )
+
+
 class TrainConfig(_Section):
     """The optimisation: the same numbers mean the same maths for any worker count."""
 
@@ -132,9 +152,35 @@ class TrainConfig(_Section):
         **_flag("batch-size"),
     )
     lr: float = Field(
-        0.01, gt=0, description="SGD learning rate, applied to the global batch.", **_flag("lr")
+        0.01,
+        gt=0,
+        description="Learning rate, applied to the global batch (the peak, after any warm-up).",
+        **_flag("lr"),
+    )
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="torch.optim.SGD (the tutorial's), Adam or AdamW."
     )
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (the tutorial uses none).")
+    nesterov: bool = Field(False, description="SGD with Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="Weight decay (AdamW: decoupled; SGD and Adam: L2 in the gradient)."
+    )
+    scheduler: Literal["constant", "step", "cosine"] = Field(
+        "constant",
+        description="How the learning rate changes from epoch to epoch after the warm-up: not at "
+        "all, times gamma every step_size epochs, or down to 0 along a cosine by the last epoch.",
+    )
+    warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="Epochs over which the learning rate rises linearly to lr before the "
+        "scheduler takes over (epoch e of the warm-up trains at lr * (e + 1) / (warmup + 1)).",
+    )
+    step_size: int = Field(10, ge=1, description="'step' scheduler: epochs between decays.")
+    gamma: float = Field(0.1, gt=0, le=1, description="'step' scheduler: factor of each decay.")
+    grad_clip: float | None = Field(
+        None, gt=0, description="Clip the global batch's gradient to this L2 norm. Unset: no clip."
+    )
     shuffle: bool = Field(True, description="Reshuffle the training rows every epoch (seeded).")
     seed: int = Field(
         0,
@@ -143,10 +189,24 @@ class TrainConfig(_Section):
         description="Seed for the model's initial weights and the shuffle order.",
         **_flag("seed"),
     )
+    validate_every: int = Field(
+        1,
+        ge=0,
+        description="Validate on the held-out rows every N epochs, on all workers in parallel "
+        "(0: only at the end); every epoch that writes a checkpoint is validated too.",
+    )
+    early_stopping: EarlyStopping = Field(
+        EarlyStopping(), description="patience and min_delta: see the fields."
+    )
     checkpoint_every: int = Field(
         5, ge=0, description="Write a checkpoint every N epochs (0: only at the end, always then)."
     )
-    checkpoints_to_keep: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    checkpoints_to_keep: int = Field(
+        2,
+        ge=1,
+        description="How many of the best checkpoints (by run.checkpoint_metric) to keep; the "
+        "latest is always kept too, for resuming.",
+    )
 
 
 class ScalingConfig(_Section):
@@ -211,6 +271,11 @@ class RunConfig(_Section):
         "embedded Ray on this machine.",
         **_flag("address"),
     )
+    checkpoint_metric: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = Field(
+        "val_loss",
+        description="What makes a checkpoint the best (lowest loss, highest accuracy): the one "
+        "the driver validates at the end, and what early stopping watches.",
+    )
     max_failures: int = Field(
         2, ge=0, description="Worker-group failures Ray Train recovers from before giving up."
     )
@@ -248,6 +313,17 @@ class Config(_Section):
                 f"train.batch_size = {self.train.batch_size} is smaller than scaling.workers = "
                 f"{workers}: every worker needs at least one row per step; use a batch size of "
                 f"at least {workers}"
+            )
+        train = self.train
+        if train.nesterov and (train.optimizer != "sgd" or train.momentum == 0):
+            raise ValueError(
+                "train.nesterov needs train.optimizer = sgd and train.momentum > 0, got "
+                f"optimizer {train.optimizer} and momentum {train.momentum}"
+            )
+        if train.warmup_epochs >= train.epochs:
+            raise ValueError(
+                f"train.warmup_epochs = {train.warmup_epochs} is not shorter than the run's "
+                f"{train.epochs} epochs; use fewer warm-up epochs or more epochs"
             )
         n_val = math.ceil(self.data.samples * self.data.val_fraction)
         if self.data.samples - n_val < 1:
@@ -322,8 +398,7 @@ def parse_value(text: str, dotted: str = "") -> Any:
     """Read a value typed on the command line for the field ``dotted`` the way YAML would
     (0.1 -> float, [64, 64] -> list), except that a text field takes the text as it is (a run
     named 2024 stays '2024')."""
-    section, _, name = dotted.partition(".")
-    field = getattr(sections().get(section), "model_fields", {}).get(name)
+    field = field_at(dotted)
     if field is not None and field.annotation in (str, str | None):
         return text
     try:
@@ -333,16 +408,31 @@ def parse_value(text: str, dotted: str = "") -> Any:
 
 
 def _put(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    section, _, field = dotted.partition(".")
-    if not field:
+    """Set ``raw[a][b]... = value`` for the dotted key ``a.b...``."""
+    *path, field = dotted.split(".")
+    if not path:
         raise ConfigError(
             f"--set key {dotted!r} needs a section and a field, e.g. train.lr "
             f"(sections: {', '.join(Config.model_fields)})"
         )
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"config section {section!r} must be a mapping, got {target!r}")
+    target = raw
+    for i, part in enumerate(path):
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"config section {where!r} must be a mapping, got {target!r}")
     target[field] = value
+
+
+def field_at(dotted: str):
+    """The pydantic field of a dotted name ('train.early_stopping.patience'), or None."""
+    model, field = Config, None
+    for part in dotted.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return field
 
 
 def _one_line(error: ValidationError) -> str:
@@ -353,8 +443,8 @@ def _one_line(error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         section, _, _ = loc.rpartition(".")
-        model = Config if not section else sections().get(section)
-        if model is None:
+        model = Config if not section else getattr(field_at(section), "annotation", None)
+        if model is None or not hasattr(model, "model_fields"):
             return f"unknown config key {loc!r}"
         where = f"section {section!r}" if section else "the top level"
         return f"unknown config key {loc!r}: {where} has {', '.join(model.model_fields)}"

@@ -20,13 +20,16 @@ from raytrain import runs
 from raytrain.cluster import Plan
 from raytrain.config import Config
 from raytrain.data.datasets import Datasets, build_datasets
-from raytrain.errors import UserError
+from raytrain.data.scaling import Scaling
+from raytrain.data.tables import FEATURES, LABEL
+from raytrain.errors import TrainingStopped, UserError
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
 from raytrain.report.console import Console
 from raytrain.report.page import write_report
 from raytrain.train import checkpoint
 from raytrain.train.loop import LoopArgs, train_loop_per_worker
+from raytrain.train.stopping import mode_of
 
 _VAL_BATCH = 4096
 
@@ -54,7 +57,11 @@ def build_trainer(
         fail_at=fail_at,
         ingest=datasets.ingest,
         blocks=datasets.blocks,
+        val_blocks=datasets.val_blocks,
+        scaling=datasets.scaling,
     )
+    metric = cfg.run.checkpoint_metric
+    streamed = datasets.ingest == "stream"
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
@@ -68,7 +75,12 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            # The best checkpoints by the metric; Ray Train always keeps the latest one too.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode_of(metric),
+            ),
             failure_config=ray.train.FailureConfig(
                 max_failures=cfg.run.max_failures,
                 # The controller's own retries are unlimited by default: a request that can
@@ -77,11 +89,25 @@ def build_trainer(
             ),
             logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
         ),
-        # In memory, every worker fetches the training split's blocks once (LoopArgs.blocks) and
-        # trains on its own rows of each global batch (raytrain.train.loop); streamed, Ray Train
-        # hands each worker an equal shard of the Ray Dataset.
-        datasets={"train": datasets.train} if datasets.ingest == "stream" else None,
+        # In memory, every worker fetches the splits' blocks once (LoopArgs) and trains on its
+        # own rows of each global batch (raytrain.train.loop); streamed, Ray Train hands each
+        # worker an equal shard of the training Dataset and a share of the validation one.
+        datasets={"train": datasets.train, "val": datasets.val} if streamed else None,
+        dataset_config=IngestConfig() if streamed else None,
     )
+
+
+class IngestConfig(ray.train.DataConfig):
+    """Ray Train's data config, but the validation split is shared out without dropping a row
+    (training shards stay equal, so that every worker takes the same number of steps)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if set(datasets) != {"val"}:
+            return super().configure(
+                datasets, world_size, worker_handles, worker_node_ids, **kwargs
+            )
+        splits = datasets["val"].streaming_split(world_size, equal=False)
+        return [{"val": split} for split in splits]
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:
@@ -124,6 +150,28 @@ def check_streamed_batch(cfg: Config, plan: Plan) -> None:
     )
 
 
+def early_stop_line(cfg: Config, row: dict[str, Any]) -> str:
+    """What the console says when early stopping ended the run."""
+    stopped, metric = row["stopped_early"], cfg.run.checkpoint_metric
+    patience, delta = cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta
+    return (
+        f"stopped early after epoch {row['epoch']}: {metric} has not improved by more than "
+        f"{delta:g} for {patience} validation(s); the best, {stopped['best']:.4f}, was at epoch "
+        f"{stopped['best_epoch']}"
+    )
+
+
+def stop_if_not_finite(rows: list[dict[str, Any]]) -> None:
+    """TrainingStopped if the last epoch's loss became NaN or infinite (the workers stopped)."""
+    if rows and "nonfinite_step" in rows[-1]:
+        row = rows[-1]
+        raise TrainingStopped(
+            f"the loss became NaN or infinite in epoch {row['epoch']} at step "
+            f"{row['nonfinite_step']} (learning rate {row['lr']:g}); try a lower --lr, "
+            "--set train.grad_clip=1.0, or features on a common scale"
+        )
+
+
 def placement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Where each worker rank ran in the last epoch: node id and IP."""
     if not rows:
@@ -134,19 +182,56 @@ def placement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def validate(cfg: Config, datasets: Datasets, checkpoint_dir: str) -> tuple[dict, dict]:
-    """The final checkpoint's state and its validation on the held-out rows, on the driver."""
-    state = checkpoint.load(checkpoint_dir)
-    model = build_model(cfg.model, datasets.features, datasets.classes)
-    model.load_state_dict(state["model"])
-    batches = datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0)
+def best_checkpoint(result: ray.train.Result, cfg: Config) -> dict[str, Any]:
+    """Among the checkpoints Ray Train kept, the best by ``run.checkpoint_metric``: its epoch,
+    path, the metric's value and why it was chosen."""
+    metric = cfg.run.checkpoint_metric
+    sign = 1 if mode_of(metric) == "min" else -1
+    kept = [(c, m) for c, m in result.best_checkpoints or [] if m.get(metric) is not None]
+    if not kept:
+        latest = result.checkpoint
+        return {
+            "checkpoint": latest.path,
+            "epoch": None,
+            "metric": metric,
+            "value": None,
+            "why": f"the latest checkpoint: none of them has {metric}",
+        }
+    chosen, metrics = min(kept, key=lambda cm: (sign * cm[1][metric], cm[1]["epoch"]))
+    word = "lowest" if sign == 1 else "highest"
+    return {
+        "checkpoint": chosen.path,
+        "epoch": metrics["epoch"],
+        "metric": metric,
+        "value": metrics[metric],
+        "why": f"the {word} {metric} of the {len(kept)} "
+        "checkpoints kept (train.checkpoints_to_keep best, and the latest)",
+    }
+
+
+def validate(datasets: Datasets, model, scaling: Scaling | None) -> dict[str, Any]:
+    """The model's validation on all held-out rows, on the driver."""
+    scale = scaling.apply if scaling is not None else (lambda x: x)
+    batches = (
+        (scale(b[FEATURES]), b[LABEL])
+        for b in datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0)
+    )
     validation = evaluate(model, batches, datasets.classes)
     validation["validated_by"] = {
         "pid": os.getpid(),
         "hostname": socket.gethostname(),
         "node_id": ray.get_runtime_context().get_node_id(),
     }
-    return state, validation
+    return validation
+
+
+def load_model(cfg: Config, datasets: Datasets, checkpoint_dir: str):
+    """The model of a checkpoint, its feature scaling and its state."""
+    state = checkpoint.load(checkpoint_dir)
+    model = build_model(cfg.model, datasets.features, datasets.classes)
+    model.load_state_dict(state["model"])
+    scaling = Scaling(**state["scaling"]) if state.get("scaling") else None
+    return model, scaling, state
 
 
 def train(
@@ -188,19 +273,28 @@ def run(
         check_streamed_batch(cfg, plan)
     fit_started = time.time()
     result = train(cfg, plan, datasets, run_dir, console, fail_at)
+    stop_if_not_finite(runs.read_metrics(run_dir))
     fit_ended = time.time()
     trained = time.perf_counter()
-    state, validation = validate(cfg, datasets, result.checkpoint.path)
-    console.validation(validation)
+    rows = runs.read_metrics(run_dir)
+    stopped = rows[-1].get("stopped_early") if rows else None
+    if stopped:
+        console.line(early_stop_line(cfg, rows[-1]))
+    best = best_checkpoint(result, cfg)
+    model, scaling, state = load_model(cfg, datasets, best["checkpoint"])
+    validation = validate(datasets, model, scaling)
+    console.validation(validation, best)
     validated = time.perf_counter()
 
-    rows = runs.read_metrics(run_dir)
     results = {
         "run": run_dir.name,
         "run_dir": str(run_dir),
-        "checkpoint": result.checkpoint.path,
-        "epochs": state["epoch"],
-        "train": state["meta"]["metrics"],
+        "checkpoint": best["checkpoint"],
+        "latest_checkpoint": result.checkpoint.path,
+        "best": best,
+        "stopped_early": stopped,
+        "epochs": rows[-1]["epoch"] if rows else state["epoch"],
+        "train": {k: v for k, v in rows[-1].items() if k not in ("workers",)} if rows else {},
         "validation": validation,
         "workers": plan.workers_text,
         "placement": placement(rows),

@@ -12,6 +12,11 @@ class UserError(Exception):
     """Bad input, an unusable cluster or storage, a bad checkpoint."""
 
 
+class TrainingStopped(Exception):
+    """Training that stopped itself because it cannot go on (a loss that became NaN or
+    infinite): reported in one line with what to try, exit code EXIT_FAILED."""
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type's name if it has none), for one-line
     reports of errors raised by libraries."""

@@ -1,5 +1,6 @@
-"""Validation metrics of a model on held-out batches: accuracy, loss, per-class precision and
-recall, the confusion matrix."""
+"""Validation metrics of a model on held-out rows: loss, accuracy, per-class precision and recall,
+the confusion matrix. ``tally`` gives the sums that workers add up across the group;
+``summarize`` turns sums into the metrics."""
 
 from __future__ import annotations
 
@@ -9,30 +10,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from raytrain.data.tables import FEATURES, LABEL
-
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], classes: int
-) -> dict[str, Any]:
-    """Run ``model`` over ``batches`` (dicts with ``x`` and ``y``) and summarise the predictions.
-
-    ``confusion[i][j]`` counts rows of true class ``i`` predicted as class ``j``. Precision of a
-    class that was never predicted (and recall of a class that never occurs) is reported as null.
-    """
+def tally(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: int
+) -> tuple[float, torch.Tensor]:
+    """The summed cross-entropy loss of ``model`` over ``(x, y)`` batches, and the confusion
+    matrix: ``confusion[i][j]`` counts rows of true class ``i`` predicted as class ``j``."""
+    was_training = model.training
     model.eval()
     confusion = torch.zeros(classes, classes, dtype=torch.int64)
-    loss_sum, rows = 0.0, 0
-    for batch in batches:
-        x, y = batch[FEATURES], batch[LABEL]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for x, y in batches:
         logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        rows += len(y)
-        pred = logits.argmax(dim=1)
-        confusion += torch.bincount(y * classes + pred, minlength=classes * classes).view(
-            classes, classes
-        )
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        confusion += torch.bincount(
+            y * classes + logits.argmax(dim=1), minlength=classes * classes
+        ).view(classes, classes)
+    model.train(was_training)
+    return loss_sum.item(), confusion
+
+
+def summarize(loss_sum: float, confusion: torch.Tensor) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision and recall, and the confusion matrix. Precision of a
+    class that was never predicted (and recall of a class that never occurs) is null."""
+    rows = int(confusion.sum().item())
     if rows == 0:
         raise ValueError("the validation split is empty")
     hits = confusion.diag()
@@ -45,6 +47,13 @@ def evaluate(
         "recall": [_ratio(h, a) for h, a in zip(hits.tolist(), actual.tolist(), strict=True)],
         "confusion": confusion.tolist(),
     }
+
+
+def evaluate(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: int
+) -> dict[str, Any]:
+    """``summarize(*tally(...))``: the metrics of ``model`` on ``(x, y)`` batches."""
+    return summarize(*tally(model, batches, classes))
 
 
 def _ratio(num: int, den: int) -> float | None:

@@ -23,7 +23,14 @@ from pathlib import Path
 from raytrain import cli, config, runs
 from raytrain.cluster import Plan, connect
 from raytrain.config import Config
-from raytrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UserError, first_line
+from raytrain.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    TrainingStopped,
+    UserError,
+    first_line,
+)
 from raytrain.report.console import Console
 from raytrain.train.faults import ENV as FAIL_AT_ENV
 from raytrain.train.faults import parse_fail_at
@@ -81,6 +88,13 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
                 f"--resume keeps the run's {section} settings; drop the changes to {section}.* "
                 "or start a fresh run"
             )
+    rows = runs.read_metrics(run_dir)
+    if rows and rows[-1].get("stopped_early"):
+        raise UserError(
+            f"run {run_dir.name!r} stopped early after epoch {rows[-1]['epoch']} "
+            f"({cfg.run.checkpoint_metric} had stopped improving); resuming would only stop "
+            "again: start a fresh run, with a larger train.early_stopping.patience if you like"
+        )
     latest = runs.latest_checkpoint(run_dir)
     if latest is None:
         raise UserError(
@@ -108,16 +122,20 @@ def failure_report(error: BaseException, cfg: Config, run_dir: Path, program: st
         who = "; ".join(sorted(described, key=lambda text: " died: " not in text))
     else:
         who = first_line(getattr(error, "controller_failure", error))
-    latest = runs.latest_checkpoint(run_dir)
-    if latest is not None and latest.exists():
-        resume = runs.resume_command(run_dir, program)
-        left = f"The last good checkpoint is {latest}; continue: {resume}"
-    else:
-        left = "No checkpoint was written."
+    left = what_is_left(run_dir, program)
     return (
         f"raytrain: training failed in epoch {done + 1} after {cfg.run.max_failures} "
         f"restart(s) allowed by run.max_failures. {who}. {left}"
     )
+
+
+def what_is_left(run_dir: Path, program: str) -> str:
+    """The last good checkpoint of a run that stopped, and the command that continues it."""
+    latest = runs.latest_checkpoint(run_dir)
+    if latest is None or not latest.exists():
+        return "No checkpoint was written."
+    resume = runs.resume_command(run_dir, program)
+    return f"The last good checkpoint is {runs.display(latest)}; continue: {resume}"
 
 
 def train(args: argparse.Namespace, program: str = PROG) -> int:
@@ -152,6 +170,9 @@ def train(args: argparse.Namespace, program: str = PROG) -> int:
             f"raytrain: continue with: {runs.resume_command(run_dir, program)}"
         )
         return EXIT_INTERRUPTED
+    except TrainingStopped as e:
+        console.line(f"raytrain: training stopped: {e}. {what_is_left(run_dir, program)}")
+        return EXIT_FAILED
     except Exception as e:
         if not _training_failed(e):
             raise  # a bug: keep its traceback

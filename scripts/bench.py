@@ -56,6 +56,18 @@ def variants(workload: str) -> dict[str, list[str]]:
             "ray noop x4": [PY, str(BASE / "noop.py"), "4"],
             "ray noop+DDP x4": [PY, str(BASE / "noop.py"), "4", "ddp"],
             "raytrain x4": [PY, "-m", "raytrain.main", "--workers", "4", "--no-report"],
+            # The same with validation only when a checkpoint is written (epochs 5 and 10):
+            # what validating every epoch costs.
+            "raytrain x4 val@ckpt": [
+                PY,
+                "-m",
+                "raytrain.main",
+                "--workers",
+                "4",
+                "--no-report",
+                "--set",
+                "train.validate_every=0",
+            ],
         }
     mlp = [
         "--set",
@@ -248,6 +260,8 @@ def main() -> None:
         ddp = t["ray noop+DDP x4"]
         ratios["tutorial: raytrain / noop+DDP wall"] = ours["wall_s"] / ddp["wall_s"]
         ratios["tutorial: raytrain / noop+DDP peak PSS"] = ours["peak_pss_mb"] / ddp["peak_pss_mb"]
+        fewer = t["raytrain x4 val@ckpt"]
+        ratios["tutorial: raytrain / raytrain val@ckpt wall"] = ours["wall_s"] / fewer["wall_s"]
     if "compute" in medians:
         c = medians["compute"]
         two, one, peer = c["raytrain 2x1"], c["raytrain 1x2"], c["torchrun x2"]

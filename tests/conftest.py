@@ -63,7 +63,8 @@ class Trained:
         self.console = console_text
         self.run_dir = Path(results["run_dir"])
         self.metrics = runs.read_metrics(self.run_dir)
-        self.state = checkpoint.load(results["checkpoint"])
+        # The weights training ended with (the best checkpoint is results["checkpoint"]).
+        self.state = checkpoint.load(results["latest_checkpoint"])
 
 
 @pytest.fixture(scope="session")

@@ -87,11 +87,17 @@ def test_main_module_takes_the_train_commands_flags():
 
 def test_every_config_field_has_a_flag_and_short_flags_come_from_the_schema():
     parser = cli.build_train_parser("raytrain train")
-    for section, model in config.sections().items():
-        for name in model.model_fields:
-            dotted = f"{section}.{name}"
-            flags = cli.config_flags(parser.parse_args([f"--{dotted}", "7"]))
-            assert flags == {dotted: config.parse_value("7", dotted)}, dotted
+
+    def leaves(prefix, model):
+        for name, field in model.model_fields.items():
+            if hasattr(field.annotation, "model_fields"):
+                yield from leaves(f"{prefix}{name}.", field.annotation)
+            else:
+                yield f"{prefix}{name}"
+
+    for dotted in leaves("", config.Config):
+        flags = cli.config_flags(parser.parse_args([f"--{dotted}", "7"]))
+        assert flags == {dotted: config.parse_value("7", dotted)}, dotted
     shorts = {
         "--workers": "scaling.workers",
         "--epochs": "train.epochs",

@@ -33,6 +33,9 @@ def test_shipped_config_files_load():
     assert config.load(ROOT / "configs/default.yaml") == Config()
     seed = config.load(ROOT / "configs/seed.yaml")
     assert seed.data.labels == "random" and seed.model.name == "simple"
+    tabular = config.load(ROOT / "configs/tabular.yaml")
+    assert (tabular.train.optimizer, tabular.train.scheduler) == ("adamw", "cosine")
+    assert tabular.train.early_stopping.patience and tabular.data.normalize == "standard"
 
 
 def test_default_yaml_lists_every_field_of_the_schema_with_its_default():
@@ -48,12 +51,15 @@ def test_default_yaml_lists_every_field_of_the_schema_with_its_default():
             assert (list(given) if isinstance(given, list) else given) == value, (section, name)
 
 
-def _numeric_fields():
-    for section, model in config.sections().items():
-        for name, field in model.model_fields.items():
-            kind = str(field.annotation)
-            if "float" in kind or "int" in kind:
-                yield f"{section}.{name}", "float" in kind
+def _numeric_fields(prefix="", model=Config):
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        if hasattr(field.annotation, "model_fields"):
+            yield from _numeric_fields(f"{dotted}.", field.annotation)
+            continue
+        kind = str(field.annotation)
+        if "float" in kind or "int" in kind:
+            yield dotted, "float" in kind
 
 
 @pytest.mark.parametrize(("dotted", "is_float"), list(_numeric_fields()))
@@ -102,6 +108,16 @@ def test_config_is_frozen():
         (["--lr", "0"], ["train.lr", "0"]),
         (["--lr", "-0.1"], ["train.lr", "-0.1"]),
         (["--lr", "inf"], ["train.lr", "inf", "finite"]),
+        (["--set", "train.optimizer=lion"], ["train.optimizer", "lion", "sgd"]),
+        (["--set", "train.warmup_epochs=-1"], ["train.warmup_epochs", "-1"]),
+        (["--set", "train.warmup_epochs=10"], ["train.warmup_epochs = 10", "10 epochs"]),
+        (["--set", "train.nesterov=true"], ["train.nesterov", "momentum"]),
+        (["--set", "train.grad_clip=0"], ["train.grad_clip", "0"]),
+        (["--set", "train.gamma=1.5"], ["train.gamma", "1.5"]),
+        (["--set", "train.early_stopping.patience=-1"], ["train.early_stopping.patience", "-1"]),
+        (["--set", "train.early_stopping.min_delta=-0.1"], ["min_delta", "-0.1"]),
+        (["--set", "run.checkpoint_metric=f1"], ["run.checkpoint_metric", "f1", "val_loss"]),
+        (["--set", "data.normalize=minmax"], ["data.normalize", "minmax", "standard"]),
         (["--seed", "-1"], ["train.seed", "-1"]),
         (["--workers", "two"], ["scaling.workers", "two", "MIN-MAX"]),
         (["--workers", "4-2"], ["min_workers", "4", "MIN <= MAX"]),

@@ -10,7 +10,7 @@ import pytest
 
 from raytrain.config import DataConfig
 from raytrain.data.datasets import build_datasets
-from raytrain.data.parquet import DataError, in_validation
+from raytrain.data.files import DataError, in_validation
 from raytrain.errors import EXIT_USAGE
 from raytrain.main import main
 

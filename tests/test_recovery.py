@@ -27,7 +27,15 @@ from raytrain.train.checkpoint import CheckpointError
 
 from .conftest import ROOT
 
-SMALL = ("scaling.workers=2", "train.epochs=4", "train.checkpoint_every=1")
+# AdamW with a warm-up and a cosine schedule: resuming must restore the schedule's state too.
+SMALL = (
+    "scaling.workers=2",
+    "train.epochs=4",
+    "train.checkpoint_every=1",
+    "train.optimizer=adamw",
+    "train.scheduler=cosine",
+    "train.warmup_epochs=1",
+)
 # Large enough that an epoch takes a noticeable moment, so a signal lands mid-run.
 SLOWER = ("--set", "data.samples=20000", "--set", "train.checkpoint_every=1", "--workers", "2")
 
@@ -142,7 +150,7 @@ def test_interrupted_driver_resumes_to_the_same_weights(train, tmp_path):
     assert proc.returncode == 0, out
     assert "(resumed)" in out and "epoch 6/6" in out
     results = json.loads((tmp_path / "r1" / "results.json").read_text())
-    resumed = checkpoint.load(results["checkpoint"])
+    resumed = checkpoint.load(results["latest_checkpoint"])
     assert resumed["epoch"] == 6
 
     reference = train("data.samples=20000", "train.checkpoint_every=1", "train.epochs=6")
@@ -302,7 +310,7 @@ def _malicious_torch_file(ckpt: Path) -> None:
 
 def _other_format(ckpt: Path) -> None:
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["format"] = 2  # what a future raytrain that stores something else would write
+    meta["format"] = checkpoint.FORMAT + 1  # what a later raytrain storing more would write
     (ckpt / "meta.json").write_text(json.dumps(meta))
 
 

@@ -36,12 +36,23 @@ NODE = "7e858184a603ad0f1e223df89491f4ba336f951ed0be3290d833356c"
 T0 = time.time() - 100  # when the fixture's first worker group started
 
 
-def worker_stats(epoch: int, workers: int = 2) -> list[dict]:
+def worker_stats(epoch: int, workers: int = 2, validated: bool = False) -> list[dict]:
     """Each worker's numbers for one epoch, as gather_epoch hands them to every rank."""
     loss, accuracy = 0.7 / epoch, min(0.5 + 0.1 * epoch, 0.99)
     rows = 400 // workers
+    val = (
+        {
+            "val_loss_sum": 0.8 / epoch * 50,
+            "val_correct": 40.0,
+            "val_rows": 50.0,
+            "val_time_s": 0.01,
+        }
+        if validated
+        else {}
+    )
     return [
         {
+            **val,
             "loss_sum": (loss + 0.01 * (rank - (workers - 1) / 2)) * rows,  # mean: loss
             "correct": accuracy * rows,
             "rows": rows,
@@ -276,13 +287,22 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def test_console_off_a_terminal_prints_the_plain_lines_only():
     out = io.StringIO()
     console = Console(out)
-    row = {**epoch_totals(5, worker_stats(5)), "checkpoint": "/x/checkpoint_epoch_000005"}
+    row = {
+        **epoch_totals(5, worker_stats(5, validated=True)),
+        "checkpoint": "/x/checkpoint_epoch_000005",
+    }
     with console.training(10, "s1"):
         console.show(row)
-    console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 200})
+        console.show(epoch_totals(6, worker_stats(6)))
+    best = {"epoch": 5, "metric": "val_loss"}
+    console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 200}, best)
     assert out.getvalue().splitlines() == [
-        "epoch  5/10  loss 0.1400  acc  99.0%      1,860 samples/s  0.215 s  checkpoint",
-        "validation  acc 96.5%  loss 0.3687  (200 held-out rows, on the driver)",
+        "epoch  5/10  loss 0.1400  acc  99.0%  val_loss 0.1600  val_acc  80.0%"
+        "      1,860 samples/s  0.215 s  checkpoint",
+        "epoch  6/10  loss 0.1167  acc  99.0%                                 "
+        "      1,852 samples/s  0.216 s",
+        "validation  acc 96.5%  loss 0.3687  (200 held-out rows, on the driver; the checkpoint of "
+        "epoch 5, best by val_loss)",
     ]
 
 

@@ -7,22 +7,56 @@ dealt out across the workers and DDP averages their gradients (see raytrain/trai
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from raytrain import runs
 from raytrain.config import Config
 from raytrain.data.synthetic import make_synthetic
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
 from raytrain.train.loop import epoch_order
 
+from .conftest import run_module
+
 TOLERANCE = 1e-5
 
 
+def reference_optimizer(model: nn.Module, cfg: Config):
+    """torch's optimizer and per-epoch schedule for ``cfg.train``, written out here."""
+    t = cfg.train
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=t.lr,
+            momentum=t.momentum,
+            nesterov=t.nesterov,
+            weight_decay=t.weight_decay,
+        )
+    else:
+        kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        optimizer = kind(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    w = t.warmup_epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < w:
+            return (epoch + 1) / (w + 1)
+        if t.scheduler == "cosine":
+            return (1 + math.cos(math.pi * (epoch - w) / (t.epochs - w))) / 2
+        if t.scheduler == "step":
+            return t.gamma ** ((epoch - w) // t.step_size)
+        return 1.0
+
+    return optimizer, factor
+
+
 def tutorial_loop(cfg: Config):
-    """The tutorial's single-process training, with raytrain's seeded epoch order.
+    """The tutorial's single-process training, with raytrain's seeded epoch order and the
+    configured optimizer, schedule and gradient clipping.
 
     Returns the model and, per epoch, the mean training loss and accuracy over all rows.
     """
@@ -30,21 +64,26 @@ def tutorial_loop(cfg: Config):
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.features, cfg.data.classes)
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-    history = []
+    optimizer, factor = reference_optimizer(model, cfg)
+    history = []  # per epoch: training loss, accuracy; validation loss, accuracy (all rows)
     for epoch in range(cfg.train.epochs):
         order = epoch_order(len(split.train_y), cfg.train.seed, epoch, cfg.train.shuffle)
         data = TensorDataset(split.train_x[order], split.train_y[order])
         loss_sum = correct = 0.0
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.lr * factor(epoch)
         for inputs, labels in DataLoader(data, batch_size=cfg.train.batch_size, shuffle=False):
             optimizer.zero_grad()
             outputs = model(inputs)
             loss = criterion(outputs, labels)
             loss.backward()
+            if cfg.train.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             loss_sum += loss.item() * len(labels)
             correct += (outputs.argmax(1) == labels).sum().item()
-        history.append((loss_sum / len(order), correct / len(order)))
+        val = evaluate(model, [(split.val_x, split.val_y)], cfg.data.classes)
+        history.append((loss_sum / len(order), correct / len(order), val["loss"], val["accuracy"]))
     return model, history, split
 
 
@@ -57,6 +96,15 @@ def max_weight_difference(state: dict, model: nn.Module) -> float:
 # 131 training rows with a global batch of 10: the last batch of every epoch has 1 row, fewer rows
 # than workers, and 10 does not divide by 4: the uneven cases the rule must still get exactly right.
 UNEVEN = ("data.samples=164", "data.val_fraction=0.2", "train.batch_size=10", "train.epochs=3")
+# AdamW with weight decay, a warm-up epoch, then a cosine schedule, and gradient clipping tight
+# enough to clip most steps.
+ADAMW = (
+    "train.optimizer=adamw",
+    "train.weight_decay=0.05",
+    "train.scheduler=cosine",
+    "train.warmup_epochs=1",
+    "train.grad_clip=0.05",
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +118,34 @@ def four_workers_uneven(train):
     [
         ("scaling.workers=1", "train.shuffle=false"),
         ("scaling.workers=2", "model.name=mlp", "model.hidden=[16, 8]", "train.momentum=0.9"),
+        ("scaling.workers=2", "model.name=mlp", "model.hidden=[16, 8]", *ADAMW),
+        ("scaling.workers=4", *ADAMW),
+        (
+            "scaling.workers=2",
+            "train.momentum=0.9",
+            "train.nesterov=true",
+            "train.scheduler=step",
+            "train.step_size=1",
+            "train.gamma=0.5",
+            "train.weight_decay=0.01",
+        ),
     ],
-    ids=["1-worker-simple-unshuffled", "2-workers-mlp-momentum"],
+    ids=[
+        "1-worker-simple-unshuffled",
+        "2-workers-mlp-momentum",
+        "2-workers-mlp-adamw-cosine",
+        "4-workers-adamw-cosine",
+        "2-workers-nesterov-step",
+    ],
 )
 def test_workers_compute_what_one_process_computes(train, overrides):
     trained = train(*overrides, "train.lr=0.2", *UNEVEN)
     model, _, _ = tutorial_loop(trained.cfg)
     assert max_weight_difference(trained.state["model"], model) < TOLERANCE
+    # The learning rate of each epoch is in its row.
+    _, factor = reference_optimizer(model, trained.cfg)
+    lrs = [row["lr"] for row in trained.metrics]
+    assert lrs == pytest.approx([0.2 * factor(e) for e in range(3)], rel=1e-9)
 
 
 @pytest.mark.ray
@@ -92,7 +161,7 @@ def test_epoch_metrics_average_all_workers_weighted_by_rows(four_workers_uneven)
     _, history, split = tutorial_loop(four_workers_uneven.cfg)
     rows = four_workers_uneven.metrics
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    for row, (loss, accuracy) in zip(rows, history, strict=True):
+    for row, (loss, accuracy, val_loss, val_accuracy) in zip(rows, history, strict=True):
         workers = row["workers"]
         assert sorted(w["rank"] for w in workers) == [0, 1, 2, 3]
         # Every training row was used exactly once per epoch, split across the four workers.
@@ -102,6 +171,11 @@ def test_epoch_metrics_average_all_workers_weighted_by_rows(four_workers_uneven)
         assert row["accuracy"] == pytest.approx(accuracy, abs=1e-9)
         weighted = sum(w["loss"] * w["rows"] for w in workers) / row["rows"]
         assert row["loss"] == pytest.approx(weighted, abs=1e-9)
+        # Validated every epoch, each worker its share of the held-out rows: together exactly
+        # what one process evaluating all of them gets.
+        assert row["val_rows"] == len(split.val_y)
+        assert row["val_loss"] == pytest.approx(val_loss, abs=TOLERANCE)
+        assert row["val_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)
 
 
 @pytest.mark.ray
@@ -140,6 +214,89 @@ def test_default_run_learns_and_validates_on_the_driver(train):
     assert len(val["precision"]) == len(val["recall"]) == 2
     assert len(trained.metrics) == 10 and trained.state["epoch"] == 10
     model, _, split = tutorial_loop(trained.cfg)
-    plain = evaluate(model, [{"x": split.val_x, "y": split.val_y}], classes=2)
+    plain = evaluate(model, [(split.val_x, split.val_y)], classes=2)
     assert abs(val["accuracy"] - plain["accuracy"]) <= 0.01
     assert "validation  acc" in trained.console
+
+
+@pytest.mark.ray
+def test_a_loss_that_is_not_finite_stops_every_worker_with_one_line(tmp_path):
+    proc = run_module(
+        "raytrain.main",
+        "--workers",
+        "2",
+        "--lr",
+        "1e38",
+        "--set",
+        "model.name=mlp",
+        "--set",
+        "train.checkpoint_every=1",
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "nan",
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("raytrain:")]
+    rows = runs.read_metrics(tmp_path / "nan")
+    last = rows[-1]
+    assert line.startswith(
+        f"raytrain: training stopped: the loss became NaN or infinite in epoch {last['epoch']} "
+        f"at step {last['nonfinite_step']} (learning rate 1e+38); try a lower --lr"
+    ), line
+    assert all("nonfinite_step" not in row for row in rows[:-1])
+    assert not (tmp_path / "nan" / runs.checkpoint_name(last["epoch"])).exists()
+    assert not (tmp_path / "nan" / runs.RESULTS_FILE).exists()
+
+
+# Random labels and a large learning rate: the validation loss is lowest early, then rises.
+OVERFIT = (
+    "data.labels=random",
+    "data.samples=400",
+    "model.name=mlp",
+    "model.hidden=[64]",
+    "train.lr=0.5",
+    "train.epochs=8",
+    "train.checkpoint_every=1",
+    "scaling.workers=2",
+)
+
+
+@pytest.mark.ray
+def test_the_best_checkpoint_is_the_epoch_with_the_lowest_validation_loss(train):
+    trained = train(*OVERFIT)
+    losses = {row["epoch"]: row["val_loss"] for row in trained.metrics}
+    best = min(losses, key=losses.get)
+    assert best < 8, losses  # not simply the last epoch: the choice matters here
+    chosen = trained.results["best"]
+    assert (chosen["epoch"], chosen["metric"]) == (best, "val_loss")
+    assert chosen["value"] == pytest.approx(losses[best])
+    assert chosen["checkpoint"].endswith(runs.checkpoint_name(best))
+    # The driver validated that checkpoint: the same numbers the workers measured at that epoch.
+    assert trained.results["validation"]["loss"] == pytest.approx(losses[best], abs=TOLERANCE)
+    from raytrain.train import checkpoint
+
+    assert checkpoint.load(chosen["checkpoint"])["epoch"] == best
+
+
+@pytest.mark.ray
+def test_early_stopping_stops_every_worker_after_the_same_epoch(train, capsys):
+    trained = train(*OVERFIT, "scaling.workers=3", "train.early_stopping.patience=2")
+    rows = trained.metrics
+    last = rows[-1]
+    assert last["epoch"] < 8 and last["stopped_early"]["best_epoch"] == last["epoch"] - 2
+    assert all("stopped_early" not in row for row in rows[:-1])
+    # Every worker trained every epoch up to the last one, and none after it.
+    assert all(len(row["workers"]) == 3 for row in rows)
+    assert trained.results["stopped_early"] == last["stopped_early"]
+    assert f"stopped early after epoch {last['epoch']}" in trained.console
+    # A checkpoint at the stop, so the run's latest state is kept.
+    assert (trained.run_dir / runs.checkpoint_name(last["epoch"])).is_dir()
+    # Resuming a run that stopped early is a clear message, not a silent extra epoch.
+    from raytrain.main import main
+
+    assert main(["--resume", str(trained.run_dir), "--epochs", "20"]) == 2
+    err = capsys.readouterr().err
+    assert f"stopped early after epoch {last['epoch']}" in err and err.count("\n") == 1

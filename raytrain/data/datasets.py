@@ -15,7 +15,8 @@ import ray
 import ray.data
 
 from raytrain.config import DataConfig
-from raytrain.data import parquet
+from raytrain.data import checks, files
+from raytrain.data.scaling import Scaling, fit_scaling
 from raytrain.data.synthetic import make_synthetic
 from raytrain.data.tables import xy_table
 
@@ -32,13 +33,16 @@ class Datasets:
     val_rows: int
     ingest: str  # "memory" or "stream"
     source: str  # one line for the user
-    # In memory: ``train``'s Arrow blocks in Ray's object store, made once; every worker fetches
-    # them at start-up (no Ray Data pipeline runs on the workers). Streamed: empty.
+    # In memory: ``train``'s and ``val``'s Arrow blocks in Ray's object store, made once; every
+    # worker fetches them at start-up (no Ray Data pipeline runs on the workers). Streamed: empty.
     blocks: tuple[ray.ObjectRef, ...] = ()
+    val_blocks: tuple[ray.ObjectRef, ...] = ()
+    scaling: Scaling | None = None  # the training split's feature statistics, when scaled
 
 
 def build_datasets(cfg: DataConfig, workers: int = 1, copies_per_node: int = 1) -> Datasets:
-    """Ray Datasets for the train and validation splits (needs a connected Ray).
+    """Ray Datasets for the train and validation splits (needs a connected Ray), and the
+    training split's feature statistics when ``cfg.normalize`` asks for scaling.
 
     ``copies_per_node``: how many workers (each with its own copy of an in-memory split) can
     share one node; 'auto' ingest compares that many copies with ``cfg.memory_limit_mb``.
@@ -46,9 +50,15 @@ def build_datasets(cfg: DataConfig, workers: int = 1, copies_per_node: int = 1) 
     if cfg.path is None:
         datasets = _synthetic_datasets(cfg)
     else:
-        datasets = _parquet_datasets(cfg, workers, copies_per_node)
+        datasets = _file_datasets(cfg, workers, copies_per_node)
+    train = datasets.train
     if datasets.ingest == "memory":
-        datasets = dataclasses.replace(datasets, blocks=tuple(datasets.train.to_arrow_refs()))
+        blocks = tuple(datasets.train.to_arrow_refs())
+        val_blocks = tuple(datasets.val.to_arrow_refs())
+        datasets = dataclasses.replace(datasets, blocks=blocks, val_blocks=val_blocks)
+        train = ray.data.from_arrow_refs(list(blocks))  # one pass over what is already read
+    if cfg.normalize == "standard" or (cfg.normalize == "auto" and cfg.path is not None):
+        datasets = dataclasses.replace(datasets, scaling=fit_scaling(train))
     return datasets
 
 
@@ -66,26 +76,29 @@ def _synthetic_datasets(cfg: DataConfig) -> Datasets:
     )
 
 
-def _parquet_datasets(cfg: DataConfig, workers: int, copies_per_node: int) -> Datasets:
-    train_source = parquet.find(cfg.path, cfg.feature_columns, cfg.label_column)
+_KINDS = {"parquet": "Parquet", "csv": "CSV"}
+
+
+def _file_datasets(cfg: DataConfig, workers: int, copies_per_node: int) -> Datasets:
+    train_source = files.find(cfg.path, cfg.feature_columns, cfg.label_column)
     hashed = 0.0 if cfg.val_path else cfg.val_fraction
-    train_stats = parquet.scan(train_source, hashed)
+    train_stats = checks.scan(train_source, hashed)
     rows = sum(s.rows for s in train_stats.values())
     held_out = sum(s.val_rows for s in train_stats.values())  # 0 with a separate val_path
     width = next(s.width_min for s in train_stats.values() if s.rows)
     classes = max(s.label_max for s in train_stats.values() if s.rows) + 1
     if cfg.val_path:
-        val_source = parquet.find(cfg.val_path, cfg.feature_columns, cfg.label_column)
-        val_rows = parquet.check_validation(parquet.scan(val_source, 0.0), width, classes)
-        train = parquet.read_xy(train_source)
-        val = parquet.read_xy(val_source)
+        val_source = files.find(cfg.val_path, cfg.feature_columns, cfg.label_column)
+        val_rows = checks.check_validation(checks.scan(val_source, 0.0), width, classes)
+        train = files.read_xy(train_source)
+        val = files.read_xy(val_source)
     else:
         val_rows = held_out
-        train = parquet.read_xy(train_source, hashed, keep="train")
-        val = parquet.read_xy(train_source, hashed, keep="val")
+        train = files.read_xy(train_source, hashed, keep="train")
+        val = files.read_xy(train_source, hashed, keep="val")
     train_rows = rows - held_out
     if train_rows < workers or val_rows < 1:
-        raise parquet.DataError(
+        raise files.DataError(
             f"data path {cfg.path!r} gives {train_rows} training and {val_rows} validation rows; "
             f"need at least {workers} training rows (one per worker) and one validation row"
         )
@@ -102,6 +115,7 @@ def _parquet_datasets(cfg: DataConfig, workers: int, copies_per_node: int) -> Da
         train_rows=train_rows,
         val_rows=val_rows,
         ingest=ingest,
-        source=f"Parquet {cfg.path} ({len(train_source.files)} files, {rows:,} rows, "
+        source=f"{_KINDS[train_source.format]} {cfg.path} ({len(train_source.files)} files, "
+        f"{rows:,} rows, "
         f"{megabytes:,.0f} MB training split, {ingest} ingest)",
     )

@@ -85,19 +85,26 @@ class Console:
 
     def epoch(self, row: dict[str, Any], epochs: int) -> None:
         saved = "  checkpoint" if row.get("checkpoint") else ""
+        # Validation's columns, or as many blanks in an epoch that was not validated.
+        val = " " * len(f"  val_loss {0:.4f}  val_acc {0:6.1%}")
+        if "val_loss" in row:
+            val = f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:6.1%}"
         with self._lock:
             if self._progress is not None:
                 self._advance(row, epochs)  # first, so the bar redrawn below the line is current
             self.line(
                 f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  loss {row['loss']:.4f}  "
-                f"acc {row['accuracy']:6.1%}  {row['samples_per_s']:>9,.0f} samples/s  "
+                f"acc {row['accuracy']:6.1%}{val}  {row['samples_per_s']:>9,.0f} samples/s  "
                 f"{row['epoch_time_s']:.3f} s{saved}"
             )
 
-    def validation(self, val: dict[str, Any]) -> None:
+    def validation(self, val: dict[str, Any], best: dict[str, Any] | None = None) -> None:
+        which = ""
+        if best is not None and best.get("epoch") is not None:
+            which = f"; the checkpoint of epoch {best['epoch']}, best by {best['metric']}"
         self.line(
             f"validation  acc {val['accuracy']:.1%}  loss {val['loss']:.4f}  "
-            f"({val['rows']} held-out rows, on the driver)"
+            f"({val['rows']} held-out rows, on the driver{which})"
         )
 
     def start(self, epochs: int) -> None:

@@ -119,6 +119,9 @@ def render_html(run: RunFiles, png: bytes) -> str:
                 str(row["epoch"]),
                 f"{row['loss']:.4f}",
                 f"{row['accuracy']:.1%}",
+                _num(row.get("val_loss"), "{:.4f}"),
+                _num(row.get("val_accuracy"), "{:.1%}"),
+                _num(row.get("lr"), "{:.3g}"),
                 f"{row['samples_per_s']:,.0f}",
                 f"{row['epoch_time_s']:.3f}",
                 Path(row["checkpoint"]).name if row.get("checkpoint") else "",
@@ -137,12 +140,23 @@ def _summary(run: RunFiles, results: dict[str, Any]) -> list[list[str]]:
         ["workers", _num(results.get("workers"), "{}")],
         ["CPUs per worker", _num(results.get("cpus_per_worker"), "{}")],
         ["torch threads per worker", _num(results.get("threads_per_worker"), "{}")],
-        ["final checkpoint", _num(results.get("checkpoint"), "{}")],
+        ["validated checkpoint", _num(results.get("checkpoint"), "{}")],
         [
             "wall time (this session)",
             _num((results.get("wall_time_s") or {}).get("total"), "{:.1f} s"),
         ],
     ]
+    best = results.get("best") or {}
+    if best.get("epoch") is not None:
+        rows.append(["best epoch", f"{best['epoch']}: {best['why']}"])
+    stopped = results.get("stopped_early")
+    if stopped:
+        rows.append(
+            [
+                "stopped early",
+                f"after epoch {results.get('epochs')}; best at epoch {stopped['best_epoch']}",
+            ]
+        )
     if len(segments) > 1:
         rows.append(["training time, all sessions", f"{total:.1f} s in {len(segments)} sessions"])
     rows.append(["TensorBoard", f"tensorboard --logdir {run.run_dir / runs.TENSORBOARD_DIR}"])

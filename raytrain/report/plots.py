@@ -42,14 +42,16 @@ def render_png(run: RunFiles, dpi: int = 100) -> bytes:
     fig = Figure(figsize=(14, 9), dpi=dpi, layout="constrained")
     (loss_ax, acc_ax), (time_ax, speed_ax) = fig.subplots(2, 2)
     fig.suptitle(_title(run), fontsize=14)
-    validation = (results or {}).get("validation") or {}
+    validation = dict((results or {}).get("validation") or {})
+    validation["epoch"] = ((results or {}).get("best") or {}).get("epoch")
     last_epoch = rows[-1]["epoch"] if rows else (results or {}).get("epochs", 1)
     _metric_panel(loss_ax, rows, validation, last_epoch, "loss", "cross-entropy loss", 1, "{:.4f}")
     _metric_panel(acc_ax, rows, validation, last_epoch, "accuracy", "accuracy (%)", 100, "{:.1f}%")
-    loss_ax.set_title("Training loss per epoch (lower is better)")
-    acc_ax.set_title("Training accuracy per epoch")
+    loss_ax.set_title("Loss per epoch, training and validation (lower is better)")
+    acc_ax.set_title("Accuracy per epoch, training and validation")
     if rows or validation.get("accuracy") is not None:
-        low = min([row["accuracy"] * 100 for row in rows] + [validation.get("accuracy", 1) * 100])
+        seen = [row[k] * 100 for row in rows for k in ("accuracy", "val_accuracy") if k in row]
+        low = min(seen + [(validation.get("accuracy") or 1) * 100])
         acc_ax.set_ylim(max(0.0, low - 5), 101)
     _phase_panel(time_ax, results)
     _speed_panel(speed_ax, rows)
@@ -77,8 +79,8 @@ def render_png(run: RunFiles, dpi: int = 100) -> bytes:
 
 
 def _metric_panel(ax, rows, validation, last_epoch: int, key, label, scale, fmt) -> None:
-    """Training ``key`` per epoch, checkpoints marked, and the final model's validation value."""
-
+    """Training and validation ``key`` per epoch, checkpoints marked, and the validation of the
+    model the driver chose at the end."""
     epochs = [row["epoch"] for row in rows]
     values = [row[key] * scale for row in rows]
     if rows:
@@ -86,6 +88,10 @@ def _metric_panel(ax, rows, validation, last_epoch: int, key, label, scale, fmt)
         ax.plot(epochs, values, "-o", color=_TRAIN, markersize=4, label=last)
     else:
         _empty(ax, "no per-epoch metrics: metrics.jsonl is missing", y=0.8)
+    checked = [(row["epoch"], row[f"val_{key}"] * scale) for row in rows if f"val_{key}" in row]
+    if checked:
+        last = f"validation, last {fmt.format(checked[-1][1])}"
+        ax.plot(*zip(*checked, strict=True), "-o", color=_VAL, markersize=4, label=last)
     saved = [(row["epoch"], row[key] * scale) for row in rows if row.get("checkpoint")]
     if saved:
         ax.plot(
@@ -99,9 +105,9 @@ def _metric_panel(ax, rows, validation, last_epoch: int, key, label, scale, fmt)
         )
     if validation.get(key) is not None:
         val = validation[key] * scale
-        ax.axhline(val, color=_VAL, linestyle="--", linewidth=1.2)
-        final = f"validation of the final model: {fmt.format(val)}"
-        ax.plot([last_epoch], [val], "*", color=_VAL, markersize=14, label=final)
+        at = validation.get("epoch") or last_epoch
+        final = f"the chosen model on the driver: {fmt.format(val)}"
+        ax.plot([at], [val], "*", color=_VAL, markersize=14, label=final)
     ax.set_ylabel(label)
     _epoch_axis(ax, epochs[0] if epochs else last_epoch, last_epoch)
     if ax.get_legend_handles_labels()[0]:

@@ -1,6 +1,7 @@
 """The resume state: save() on rank 0, load() anywhere. A checkpoint is a directory holding
 
-- ``state.pt``: model and optimizer state, the epoch, the torch RNG state and the config, saved with
+- ``state.pt``: model, optimizer and learning-rate schedule state, the epoch, the torch RNG state
+  and the config, saved with
   ``torch.save`` and loaded with ``weights_only=True``, so a file carrying pickled code is refused,
   never executed;
 - ``meta.json``: a small readable summary (format, epoch, metrics, the SHA-256 of ``state.pt``).
@@ -27,7 +28,8 @@ from raytrain.runs import checkpoint_name
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-FORMAT = 1  # raised when state.pt changes shape; load() refuses any other
+# Raised when state.pt changes shape (2: with the learning-rate schedule); load() refuses others.
+FORMAT = 2
 
 
 class CheckpointError(UserError):
@@ -42,16 +44,21 @@ def save(
     epoch: int,
     config: dict[str, Any],
     metrics: dict[str, Any],
+    scheduler: Any = None,
+    **extra: Any,
 ) -> Path:
-    """Write the state after ``epoch`` finished epochs to ``directory``."""
+    """Write the state after ``epoch`` finished epochs to ``directory``; ``extra`` (plain data:
+    the feature scaling, early stopping's state) is stored beside it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
         "torch_rng": torch.get_rng_state(),
         "config": config,
+        **extra,
     }
     torch.save(state, directory / STATE_FILE)
     meta = {
@@ -98,20 +105,22 @@ def load(directory: str | Path) -> dict[str, Any]:
     return state
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Load the run's latest checkpoint (Ray Train's, inside the worker loop) into ``model``,
-    ``optimizer`` and torch's RNG; returns the epochs it had done (0 without a checkpoint)."""
+    ``optimizer``, ``scheduler`` and torch's RNG; returns its state (``{"epoch": 0}`` without a
+    checkpoint)."""
     import ray.train
 
     saved = ray.train.get_checkpoint()
     if saved is None:
-        return 0
+        return {"epoch": 0}
     with saved.as_directory() as directory:
         state = load(directory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    return state["epoch"]
+    return state
 
 
 def report(rank: int, epoch: int, metrics: dict[str, Any], **state: Any) -> None:

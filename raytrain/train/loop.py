@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from raytrain.config import Config, TrainConfig
+from raytrain.data.scaling import Scaling
 from raytrain.data.tables import FEATURES, LABEL, to_tensors
-from raytrain.model import build_model
+from raytrain.evaluate import tally
+from raytrain.model import build_model, unwrap
 from raytrain.runs import checkpoint_name
 from raytrain.train import checkpoint
 from raytrain.train.faults import die_if_due
@@ -42,6 +44,8 @@ from raytrain.train.metrics import (
     gather_objects,
     worker_row,
 )
+from raytrain.train.optim import build_optimizer, build_scheduler
+from raytrain.train.stopping import Watch
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class LoopArgs:
     session: str  # the driver's id: tells a restart of the worker group from a resumed run
     ingest: str = "memory"  # or "stream": see raytrain.data.datasets
     blocks: tuple = ()  # in memory: the training split's Arrow blocks in the object store
+    val_blocks: tuple = ()  # in memory: the validation split's, likewise
+    scaling: Scaling | None = None  # the training split's feature statistics, if scaled
     fail_at: tuple[int, int] | None = None  # (rank, epoch): raytrain.train.faults
 
 
@@ -67,6 +73,7 @@ def epoch_order(rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor
     return torch.randperm(rows, generator=torch.Generator().manual_seed(epoch_seed))
 
 
+_VAL_BATCH = 4096
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor, int]]
 
 
@@ -80,8 +87,11 @@ def memory_batches(
         yield x[mine], y[mine], len(batch)
 
 
-def streamed_batches(shard, local_batch: int, seed: int, epoch: int, rank: int, world: int):
-    """This worker's Ray Data shard, streamed in local batches with a seeded local shuffle.
+def streamed_batches(
+    shard, local_batch: int, seed: int, epoch: int, rank: int, world: int, scale: Callable
+):
+    """This worker's Ray Data shard, streamed in local batches with a seeded local shuffle,
+    features scaled by ``scale``.
 
     Ray Train splits the stream into equal shards, so every worker takes the same number of
     steps with batches of the same size, and the global batch is ``world`` local batches.
@@ -93,29 +103,40 @@ def streamed_batches(shard, local_batch: int, seed: int, epoch: int, rank: int, 
         local_shuffle_buffer_size=8 * local_batch,
         local_shuffle_seed=shuffle_seed,
     ):
-        yield batch[FEATURES], batch[LABEL], len(batch[LABEL]) * world
+        yield scale(batch[FEATURES]), batch[LABEL], len(batch[LABEL]) * world
 
 
 def train_epoch(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, world: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    world: int,
+    grad_clip: float | None = None,
 ) -> dict[str, float]:
-    """One epoch over this worker's batches; returns its own loss sum, correct count, rows and the
-    seconds spent in forward, backward and the optimizer step (the rest is waiting for data)."""
+    """One epoch over this worker's batches; returns its own loss sum, correct count, rows, the
+    seconds spent in forward, backward and the optimizer step (the rest is waiting for data), and
+    the first step (1-based) whose loss was not finite, or 0."""
     model.train()
     # Summed on tensors and read once per epoch: an .item() per step would sync every step.
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen = compute = 0.0
-    for xb, yb, global_rows in batches:
+    first_bad = torch.zeros((), dtype=torch.int64)
+    for step, (xb, yb, global_rows) in enumerate(batches, start=1):
         step_started = time.perf_counter()
         logits = model(xb)
         summed = F.cross_entropy(logits, yb, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
         # DDP divides by world; this makes the step's gradient the mean over the global batch.
         (summed * (world / global_rows)).backward()
+        if grad_clip is not None:  # the averaged gradient: the same on every worker
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         loss_sum += summed.detach()
         correct += (logits.argmax(dim=1) == yb).sum()
+        # Without a branch on the value: no sync, and the first bad step stays.
+        bad = ~torch.isfinite(summed.detach()) & (first_bad == 0)
+        first_bad = torch.where(bad, step, first_bad)
         seen += len(yb)
         compute += time.perf_counter() - step_started
     return {
@@ -123,41 +144,87 @@ def train_epoch(
         "correct": float(correct.item()),
         "rows": seen,
         "compute_s": compute,
+        "bad_step": float(first_bad.item()),
     }
 
 
-def epoch_batches(args: LoopArgs, rank: int, world: int) -> Callable[[int], Batches]:
-    """This worker's data: a function from the epoch (0-based) to its batches."""
+def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], Batches], Callable]:
+    """This worker's data: a function from the epoch (0-based) to its training batches, and one
+    that gives its share of the validation rows as ``(x, y)`` batches."""
     import ray
     import ray.train
 
     cfg = args.config.train
+    scale = args.scaling.apply if args.scaling is not None else (lambda x: x)
     if args.ingest == "memory":
-        # Small enough to hold: the split's blocks, copied into tensors once, instead of paying
-        # a Ray Data pipeline start-up every epoch.
+        # Small enough to hold: the splits' blocks, copied into tensors once, instead of paying
+        # a Ray Data pipeline start-up every epoch. Validation: rows rank, rank + W, ...
         x, y = to_tensors(ray.get(list(args.blocks)))
-        return lambda epoch: memory_batches(
-            x, y, epoch_order(len(y), cfg.seed, epoch, cfg.shuffle), cfg.batch_size, rank, world
-        )
-    shard = ray.train.get_dataset_shard("train")
+        x = scale(x)
+        val_x, val_y = to_tensors(ray.get(list(args.val_blocks)))
+        val_x, val_y = scale(val_x[rank::world]), val_y[rank::world]
+
+        def train_batches(epoch: int) -> Batches:
+            order = epoch_order(len(y), cfg.seed, epoch, cfg.shuffle)
+            return memory_batches(x, y, order, cfg.batch_size, rank, world)
+
+        def val_batches():
+            return (
+                (val_x[i : i + _VAL_BATCH], val_y[i : i + _VAL_BATCH])
+                for i in range(0, len(val_y), _VAL_BATCH)
+            )
+
+        return train_batches, val_batches
+    shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     local = cfg.batch_size // world  # the driver checked that every worker count divides it
-    return lambda epoch: streamed_batches(shard, local, cfg.seed, epoch, rank, world)
+
+    def streamed_val():
+        for batch in val_shard.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=2):
+            yield scale(batch[FEATURES]), batch[LABEL]
+
+    return (
+        lambda epoch: streamed_batches(shard, local, cfg.seed, epoch, rank, world, scale),
+        streamed_val,
+    )
 
 
-def build_or_restore(args: LoopArgs) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
-    """The seeded model and its optimizer, restored from the run's latest checkpoint if it has
-    one; returns them and the epochs already done."""
+def validate(model: torch.nn.Module, batches, classes: int) -> dict[str, float]:
+    """This worker's validation sums (summed across the workers by the epoch's gather)."""
+    started = time.perf_counter()
+    loss_sum, confusion = tally(unwrap(model), batches, classes)
+    return {
+        "val_loss_sum": loss_sum,
+        "val_correct": float(confusion.diag().sum().item()),
+        "val_rows": float(confusion.sum().item()),
+        "val_time_s": time.perf_counter() - started,
+    }
+
+
+NOT_VALIDATED = {"val_loss_sum": 0.0, "val_correct": 0.0, "val_rows": 0.0, "val_time_s": 0.0}
+
+
+def build_or_restore(args: LoopArgs):
+    """The seeded model, its optimizer and learning-rate schedule, restored from the run's latest
+    checkpoint if it has one; returns them, the epochs already done and early stopping's watch."""
     cfg = args.config
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, args.features, args.classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-    return model, optimizer, checkpoint.restore(model, optimizer)
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    state = checkpoint.restore(model, optimizer, scheduler)
+    return model, optimizer, scheduler, state["epoch"], Watch(cfg, state.get("watch"))
 
 
 def checkpoint_due(done: int, cfg: TrainConfig) -> bool:
     """Whether the epoch that made ``done`` epochs writes a checkpoint (always the last one)."""
     every = cfg.checkpoint_every
     return done == cfg.epochs or (every > 0 and done % every == 0)
+
+
+def validation_due(done: int, cfg: TrainConfig) -> bool:
+    """Whether the epoch that made ``done`` epochs is validated (every checkpoint's is)."""
+    every = cfg.validate_every
+    return checkpoint_due(done, cfg) or (every > 0 and done % every == 0)
 
 
 def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
@@ -172,35 +239,48 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(args.threads)
-    model, optimizer, start_epoch = build_or_restore(args)
+    model, optimizer, scheduler, start_epoch, watch = build_or_restore(args)
     timeline["model_built"] = time.time()
     # Wraps in DDP (gloo on CPU) only when world > 1; DDP also broadcasts rank 0's weights.
     model = ray.train.torch.prepare_model(model)
     timeline["model_ready"] = time.time()
-    batches_of = epoch_batches(args, rank, world)
+    train_batches, val_batches = worker_data(args, rank, world)
     timeline["data_ready"] = time.time()
     node_id, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     place = {"rank": rank, "node_id": node_id, "node_ip": node_ip}
     # Where every rank runs and how its start went: gathered once, written with the first row.
     starts = gather_objects({**place, **timeline}, world)
     log = MetricsLog(args.run_dir, args.session, start_epoch) if rank == 0 else None
+    scaling = args.scaling.to_dict() if args.scaling is not None else None
 
     for epoch in range(start_epoch, cfg.train.epochs):
         die_if_due(args.fail_at, rank, epoch + 1, args.run_dir)
+        lr = optimizer.param_groups[0]["lr"]
         started_at, started = time.time(), time.perf_counter()
-        local = train_epoch(model, optimizer, batches_of(epoch), world)
+        local = train_epoch(model, optimizer, train_batches(epoch), world, cfg.train.grad_clip)
         local.update(epoch_time_s=time.perf_counter() - started, started_at=started_at)
-        stats = gather_epoch(local, world)
         done = epoch + 1
-        totals = epoch_totals(done, stats)
-        save = checkpoint_due(done, cfg.train)
+        due = validation_due(done, cfg.train)
+        local.update(validate(model, val_batches(), args.classes) if due else NOT_VALIDATED)
+        stats = gather_epoch(local, world)
+        totals = {**epoch_totals(done, stats), "lr": lr}
+        # The same gathered numbers on every worker: all stop together, none checkpoints.
+        bad = [int(s["bad_step"]) for s in stats if s["bad_step"]]
+        if bad:
+            totals["nonfinite_step"] = min(bad)
+        stop = not bad and watch.update(totals)
+        if stop:
+            totals["stopped_early"] = {"best_epoch": watch.best_epoch, "best": watch.best}
+        save = not bad and (checkpoint_due(done, cfg.train) or stop)
+        scheduler.step()  # first: a checkpoint holds the schedule of the epoch after it
         if log is not None:  # the row first: a crash while checkpointing keeps it
             facts = starts if epoch == start_epoch else [{k: s[k] for k in PLACE} for s in starts]
             workers = [worker_row(s, f) for s, f in zip(stats, facts, strict=True)]
-            log.write(
-                totals, workers, str(Path(args.run_dir) / checkpoint_name(done)) if save else None
-            )
+            saved = str(Path(args.run_dir) / checkpoint_name(done)) if save else None
+            log.write(totals, workers, saved)
         if save:
-            checkpoint.report(
-                rank, done, totals, model=model, optimizer=optimizer, config=cfg.to_dict()
-            )
+            state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+            extra = {"config": cfg.to_dict(), "scaling": scaling, "watch": watch.state()}
+            checkpoint.report(rank, done, totals, **state, **extra)
+        if bad or stop:
+            return

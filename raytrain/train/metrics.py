@@ -2,16 +2,21 @@
 row, and written by rank 0 to ``metrics.jsonl`` (format: raytrain.runs) and TensorBoard.
 
 An epoch row holds ``epoch`` (1-based), ``loss`` and ``accuracy`` over all workers' rows (weighted
-by rows), ``rows``, ``epoch_time_s`` (the slowest worker's), ``samples_per_s``, ``checkpoint``
-(the checkpoint this epoch wrote, or null), ``time`` and ``workers``: per worker ``rank``,
-``node_id``, ``node_ip``, ``started_at``, ``compute_s``, ``loss``, ``accuracy``, ``rows``,
-``epoch_time_s``, ``samples_per_s``; in the first epoch after a start of the worker group also when
-the worker entered the loop (``loop_start``) and had its model (``model_built``), DDP
-(``model_ready``) and data (``data_ready``).
+by rows), ``lr`` (the learning rate the epoch trained with), ``nonfinite_step`` (only in an epoch
+whose loss became NaN or infinite: the first such step, 1-based; training stops there), ``rows``,
+``epoch_time_s`` (the slowest worker's, training only), ``samples_per_s``; in a validated epoch
+``val_loss``, ``val_accuracy`` (over all validation rows, each worker validating its share),
+``val_rows`` and ``val_time_s`` (the slowest worker's); ``stopped_early`` (only in the epoch early
+stopping ended: ``best_epoch`` and ``best``); ``checkpoint`` (the checkpoint this epoch wrote, or
+null), ``time`` and ``workers``: per worker ``rank``, ``node_id``, ``node_ip``, ``started_at``,
+``compute_s``, ``loss``, ``accuracy``, ``rows``, ``epoch_time_s``, ``samples_per_s``; in the first
+epoch after a start of the worker group also when the worker entered the loop (``loop_start``)
+and had its model (``model_built``), DDP (``model_ready``) and data (``data_ready``).
 
 TensorBoard (``tensorboard --logdir RUN_DIR/tensorboard``), step = epoch: ``train/loss``,
-``train/accuracy``, ``perf/samples_per_s``, ``perf/epoch_time_s``, and per worker
-``perf/samples_per_s/rank{r}`` and ``perf/epoch_time_s/rank{r}``.
+``train/accuracy``, ``train/lr``, ``val/loss``, ``val/accuracy``, ``perf/samples_per_s``,
+``perf/epoch_time_s``, and per worker ``perf/samples_per_s/rank{r}`` and
+``perf/epoch_time_s/rank{r}``.
 
 Epoch metrics do not go through ``ray.train.report``: a report is a barrier that waits for Ray
 Train's controller to poll, so raytrain reports only with checkpoints.
@@ -31,7 +36,19 @@ import torch.distributed as dist
 from raytrain import runs
 
 # What each worker contributes to an epoch's row, gathered in one collective per epoch.
-STATS = ("loss_sum", "correct", "rows", "epoch_time_s", "compute_s", "started_at")
+STATS = (
+    "loss_sum",
+    "correct",
+    "rows",
+    "epoch_time_s",
+    "compute_s",
+    "started_at",
+    "bad_step",
+    "val_loss_sum",
+    "val_correct",
+    "val_rows",
+    "val_time_s",
+)
 PLACE = ("rank", "node_id", "node_ip")  # where a worker runs: in every row
 
 
@@ -58,7 +75,7 @@ def epoch_totals(epoch: int, stats: list[dict[str, float]]) -> dict[str, Any]:
     """The epoch over all workers: loss and accuracy weighted by rows, the slowest worker's time."""
     rows = sum(s["rows"] for s in stats)
     slowest = max(s["epoch_time_s"] for s in stats)
-    return {
+    totals = {
         "epoch": epoch,
         "loss": sum(s["loss_sum"] for s in stats) / rows,
         "accuracy": sum(s["correct"] for s in stats) / rows,
@@ -66,6 +83,13 @@ def epoch_totals(epoch: int, stats: list[dict[str, float]]) -> dict[str, Any]:
         "epoch_time_s": slowest,
         "samples_per_s": rows / slowest,
     }
+    val_rows = sum(s.get("val_rows", 0) for s in stats)
+    if val_rows:  # a validated epoch: every worker's share of the held-out rows, summed
+        totals["val_loss"] = sum(s["val_loss_sum"] for s in stats) / val_rows
+        totals["val_accuracy"] = sum(s["val_correct"] for s in stats) / val_rows
+        totals["val_rows"] = int(val_rows)
+        totals["val_time_s"] = max(s["val_time_s"] for s in stats)
+    return totals
 
 
 def worker_row(stats: dict[str, float], facts: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +161,10 @@ class MetricsLog:
             "perf/samples_per_s": row["samples_per_s"],
             "perf/epoch_time_s": row["epoch_time_s"],
         }
+        if "lr" in row:
+            scalars["train/lr"] = row["lr"]
+        if "val_loss" in row:
+            scalars["val/loss"], scalars["val/accuracy"] = row["val_loss"], row["val_accuracy"]
         for worker in row["workers"]:
             scalars[f"perf/samples_per_s/rank{worker['rank']}"] = worker["samples_per_s"]
             scalars[f"perf/epoch_time_s/rank{worker['rank']}"] = worker["epoch_time_s"]

@@ -1,9 +1,12 @@
-"""Parquet data: find the files, check them before training, and read them as ``x``/``y`` rows.
+"""A user's data files, Parquet or CSV (raytrain.data.csvfiles): find them, check them before
+training, and read them as ``x``/``y`` rows.
 
-Checks happen in two passes, both before any worker starts: the file footers (columns and types,
-cheap), then one streaming Ray Data pass over the rows (NaN or infinite features, ragged feature
-lists, labels out of range, empty data), which runs in parallel on the cluster and keeps only a few
-numbers per file on the driver. Every problem is one sentence naming the file and the column.
+Checks happen in two passes, both before any worker starts: the schemas (Parquet footers, CSV
+headers: the columns and, for Parquet, their types), then one streaming Ray Data pass over the rows
+(values that are not numbers, NaN or infinite features, ragged feature lists, labels out of range,
+empty data), which runs in parallel on the cluster and keeps only a few numbers per file on the
+driver (raytrain.data.checks). Every problem is one sentence naming the file and the column (for
+CSV, also the line).
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raytrain.data import csvfiles
 from raytrain.data.tables import xy_table
 from raytrain.errors import UserError
 
-_PATH = "path"  # the column Ray Data adds with include_paths=True
 _BUCKETS = 1_000_000  # resolution of the hashed validation split
 
 
@@ -31,30 +34,18 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class Source:
-    """A set of Parquet files and how to read features and labels from them."""
+    """A set of Parquet or CSV files and how to read features and labels from them."""
 
     filesystem: pafs.FileSystem
     files: tuple[str, ...]
     feature_columns: tuple[str, ...]
     label_column: str
     width: int | None  # features per row when the schema fixes it (else checked by the scan)
+    format: str = "parquet"  # or "csv"
 
     @property
     def columns(self) -> list[str]:
         return [*self.feature_columns, self.label_column]
-
-
-@dataclass
-class FileStats:
-    """What the scan learned about one file."""
-
-    rows: int = 0
-    val_rows: int = 0
-    nonfinite: int = 0
-    label_min: int | None = None
-    label_max: int | None = None
-    width_min: int | None = None
-    width_max: int | None = None
 
 
 def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source:
@@ -77,30 +68,40 @@ def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source
             f.path
             for f in found
             if f.is_file
-            and f.path.endswith(".parquet")
+            and f.path.endswith((".parquet", ".csv"))
             and not os.path.basename(f.path).startswith((".", "_"))
         )
+    kinds = {os.path.splitext(f)[1] for f in files}
     if not files:
-        raise DataError(f"no Parquet files (*.parquet) under data path {path!r}")
+        raise DataError(f"no Parquet or CSV files (*.parquet, *.csv) under data path {path!r}")
+    if len(kinds) > 1:
+        raise DataError(
+            f"data path {path!r} holds both Parquet and CSV files; point it at one kind"
+        )
+    kind = "csv" if kinds == {".csv"} else "parquet"
     width = None
     for file in files:
-        file_width = _check_schema(fs, file, tuple(feature_columns), label_column)
+        file_width = _check_schema(fs, file, tuple(feature_columns), label_column, kind)
         if width is not None and file_width is not None and file_width != width:
             raise DataError(
                 f"{file}: {file_width} features per row, but {files[0]} has {width}; every file "
                 "needs the same features"
             )
         width = width if file_width is None else file_width
-    return Source(fs, tuple(files), tuple(feature_columns), label_column, width)
+    return Source(fs, tuple(files), tuple(feature_columns), label_column, width, kind)
 
 
 def _check_schema(
-    fs: pafs.FileSystem, file: str, feature_columns: tuple[str, ...], label: str
+    fs: pafs.FileSystem, file: str, feature_columns: tuple[str, ...], label: str, kind: str
 ) -> int | None:
     try:
-        schema = pq.read_schema(file, filesystem=fs)
+        schema = (
+            pq.read_schema(file, filesystem=fs)
+            if kind == "parquet"
+            else (csvfiles.schema(fs, file))
+        )
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{file}: not a readable Parquet file ({e})") from None
+        raise DataError(f"{file}: not a readable {kind.upper()} file ({e})") from None
     names = schema.names
     for column in (*feature_columns, label):
         if column not in names:
@@ -108,6 +109,8 @@ def _check_schema(
                 f"{file}: no column {column!r} (it has {', '.join(names)}); set "
                 "data.feature_columns and data.label_column to the right names"
             )
+    if kind == "csv":
+        return len(feature_columns)  # types are checked value by value as the rows are read
     label_type = schema.field(label).type
     if not pa.types.is_integer(label_type):
         raise DataError(
@@ -172,96 +175,6 @@ def in_validation(x: np.ndarray, fraction: float) -> np.ndarray:
     return (h % np.uint64(_BUCKETS)) < np.uint64(round(fraction * _BUCKETS))
 
 
-def scan_batch(
-    batch: pa.Table, feature_columns: Sequence[str], label_column: str, val_fraction: float
-) -> pa.Table:
-    """Per-file statistics of one batch (a Ray Data map_batches function)."""
-    keys = ("path", "rows", "val_rows", "nonfinite", "label_min", "label_max")
-    out: dict[str, list] = {k: [] for k in (*keys, "width_min", "width_max")}
-    paths = batch.column(_PATH).to_numpy(zero_copy_only=False)
-    for path in np.unique(paths):
-        part = batch.filter(pa.array(paths == path))
-        labels = part.column(label_column).to_numpy(zero_copy_only=False)
-        x = features_of(part, feature_columns)
-        if x is None:  # ragged lists
-            column = part.column(feature_columns[0]).combine_chunks()
-            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-            widths, nonfinite, val_rows = (int(lengths.min()), int(lengths.max())), 0, 0
-        else:
-            widths = (x.shape[1], x.shape[1])
-            nonfinite = int((~np.isfinite(x)).any(axis=1).sum())
-            val_rows = int(in_validation(x, val_fraction).sum()) if val_fraction else 0
-        for key, value in (
-            ("path", str(path)),
-            ("rows", len(labels)),
-            ("val_rows", val_rows),
-            ("nonfinite", nonfinite),
-            ("label_min", int(labels.min()) if len(labels) else 0),
-            ("label_max", int(labels.max()) if len(labels) else 0),
-            ("width_min", widths[0]),
-            ("width_max", widths[1]),
-        ):
-            out[key].append(value)
-    return pa.table(out)
-
-
-def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
-    """One streaming pass over every row: per-file statistics, and DataError for bad rows."""
-    scanned = _read_mapped(source, scan_batch, include_paths=True, val_fraction=val_fraction)
-    rows = scanned.take_all()
-    stats = {file: FileStats() for file in source.files}
-    for row in rows:
-        s = stats.setdefault(_match(row["path"], stats), FileStats())
-        s.rows += row["rows"]
-        s.val_rows += row["val_rows"]
-        s.nonfinite += row["nonfinite"]
-        s.label_min = _fold(min, s.label_min, row["label_min"])
-        s.label_max = _fold(max, s.label_max, row["label_max"])
-        s.width_min = _fold(min, s.width_min, row["width_min"])
-        s.width_max = _fold(max, s.width_max, row["width_max"])
-    _raise_for_bad_rows(source, stats)
-    return stats
-
-
-def _match(path: str, stats: dict[str, FileStats]) -> str:
-    # Ray Data reports paths without a URI scheme; match them to the listed files.
-    if path in stats:
-        return path
-    return next((f for f in stats if f.endswith(path) or path.endswith(f)), path)
-
-
-def _fold(op, current, value):
-    return value if current is None else op(current, value)
-
-
-def _raise_for_bad_rows(source: Source, stats: dict[str, FileStats]) -> None:
-    features = ", ".join(source.feature_columns)
-    widths = set()
-    for file, s in stats.items():
-        if s.rows == 0:
-            continue
-        if s.width_min != s.width_max:
-            raise DataError(
-                f"{file}: feature column {features!r} has rows of {s.width_min} to {s.width_max} "
-                "features; every row needs the same number"
-            )
-        if s.nonfinite:
-            raise DataError(
-                f"{file}: {s.nonfinite} row(s) have NaN or infinite values in feature column(s) "
-                f"{features!r}; clean or drop them"
-            )
-        if s.label_min < 0:
-            raise DataError(
-                f"{file}: label column {source.label_column!r} has label {s.label_min}; labels "
-                "must be 0..classes-1"
-            )
-        widths.add(s.width_min)
-    if not any(s.rows for s in stats.values()):
-        raise DataError(f"the Parquet files under {source.files[0]!r} and the rest hold no rows")
-    if len(widths) > 1:
-        raise DataError(f"files have different numbers of features per row: {sorted(widths)}")
-
-
 def to_xy(
     batch: pa.Table,
     feature_columns: Sequence[str],
@@ -284,20 +197,29 @@ def to_xy(
 
 def read_xy(source: Source, val_fraction: float = 0.0, keep: str = "all"):
     """A lazy Ray Dataset of the source's ``x``/``y`` rows (``keep`` as in ``to_xy``)."""
-    return _read_mapped(source, to_xy, val_fraction=val_fraction, keep=keep)
+    return read_mapped(source, to_xy, val_fraction=val_fraction, keep=keep)
 
 
-def _read_mapped(source: Source, fn, include_paths: bool = False, **kwargs):
+def read_mapped(source: Source, fn, include_paths: bool = False, **kwargs):
     """The source's files read by Ray Data, every batch mapped by ``fn(batch, feature_columns,
     label_column, **kwargs)`` as an Arrow table."""
     import ray.data
 
-    return ray.data.read_parquet(
-        list(source.files),
-        filesystem=source.filesystem,
-        columns=source.columns,
-        include_paths=include_paths,
-    ).map_batches(
+    if source.format == "csv":
+        read = ray.data.read_csv(
+            list(source.files),
+            filesystem=source.filesystem,
+            include_paths=include_paths,
+            convert_options=csvfiles.convert_options(source.feature_columns, source.label_column),
+        )
+    else:
+        read = ray.data.read_parquet(
+            list(source.files),
+            filesystem=source.filesystem,
+            columns=source.columns,
+            include_paths=include_paths,
+        )
+    return read.map_batches(
         fn,
         batch_format="pyarrow",
         fn_kwargs={
@@ -306,18 +228,3 @@ def _read_mapped(source: Source, fn, include_paths: bool = False, **kwargs):
             **kwargs,
         },
     )
-
-
-def check_validation(stats: dict[str, FileStats], width: int, classes: int) -> int:
-    """Check separate validation files against the training data; returns their row count."""
-    for file, s in stats.items():
-        if s.rows and s.width_min != width:
-            raise DataError(
-                f"{file}: {s.width_min} features per row, but the training data has {width}"
-            )
-        if s.rows and s.label_max >= classes:
-            raise DataError(
-                f"{file}: label {s.label_max} is outside the training data's classes "
-                f"0..{classes - 1}"
-            )
-    return sum(s.rows for s in stats.values())

@@ -1,0 +1,70 @@
+"""Feature scaling: every feature to mean 0 and standard deviation 1, with the statistics of the
+training split only (never of validation rows). They are computed in one distributed pass
+(Ray Data, a partial result per block, combined on the driver with Chan's parallel formula),
+handed to the workers, stored in every checkpoint and applied wherever the model is used.
+
+A constant feature (standard deviation 0) is only centred: it becomes 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from raytrain.data.tables import FEATURES
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Per-feature mean and standard deviation (population, ddof=0) of the training rows."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    def apply(self, x):
+        """``(x - mean) / std`` for a torch tensor of rows (a std of 0 divides by 1)."""
+        import torch
+
+        mean = torch.tensor(self.mean, dtype=x.dtype)
+        std = torch.tensor(self.std, dtype=x.dtype)
+        return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def partial_moments(batch: pa.Table) -> pa.Table:
+    """One batch's row count, mean and sum of squared deviations per feature (float64)."""
+    column = batch.column(FEATURES).combine_chunks()
+    x = column.flatten().to_numpy().reshape(len(column), -1).astype(np.float64)
+    mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+    m2 = ((x - mean) ** 2).sum(axis=0)
+    return pa.table({"n": [len(x)], "mean": [mean.tolist()], "m2": [m2.tolist()]})
+
+
+def combine(parts: list[dict]) -> Scaling:
+    """The statistics of all rows from the parts' (n, mean, m2) (Chan et al.)."""
+    n, mean, m2 = 0, None, None
+    for part in parts:
+        k = part["n"]
+        if not k:
+            continue
+        m, s = np.asarray(part["mean"]), np.asarray(part["m2"])
+        if mean is None:
+            n, mean, m2 = k, m, s
+            continue
+        delta = m - mean
+        total = n + k
+        mean = mean + delta * k / total
+        m2 = m2 + s + delta**2 * n * k / total
+        n = total
+    std = np.sqrt(m2 / n)
+    return Scaling(tuple(mean.tolist()), tuple(std.tolist()))
+
+
+def fit_scaling(train) -> Scaling:
+    """The training split's statistics from a Ray Dataset of ``x``/``y`` rows, in one pass."""
+    parts = train.map_batches(partial_moments, batch_format="pyarrow").take_all()
+    return combine(parts)

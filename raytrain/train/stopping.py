@@ -1,0 +1,43 @@
+"""Early stopping: watch ``run.checkpoint_metric`` at every validated epoch and stop when it has
+not improved by ``train.early_stopping.min_delta`` for ``patience`` validations. Every worker
+keeps its own copy and feeds it the same gathered numbers, so all stop after the same epoch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raytrain.config import Config
+
+
+def mode_of(metric: str) -> str:
+    """'min' for a loss, 'max' for an accuracy."""
+    return "min" if metric.endswith("loss") else "max"
+
+
+class Watch:
+    """The best value of the checkpoint metric so far, and how long since it improved."""
+
+    def __init__(self, cfg: Config, state: dict[str, Any] | None = None):
+        self.metric = cfg.run.checkpoint_metric
+        self.patience = cfg.train.early_stopping.patience
+        self.min_delta = cfg.train.early_stopping.min_delta
+        state = state or {}
+        self.best: float | None = state.get("best")
+        self.best_epoch: int | None = state.get("best_epoch")
+        self.waited: int = state.get("waited", 0)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that a resumed run goes on counting."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "waited": self.waited}
+
+    def update(self, totals: dict[str, Any]) -> bool:
+        """Take an epoch's totals; True when training should stop after this epoch."""
+        value = totals.get(self.metric)
+        if value is None:
+            return False  # not validated this epoch
+        sign = 1 if mode_of(self.metric) == "min" else -1
+        if self.best is None or sign * (self.best - value) > self.min_delta:
+            self.best, self.best_epoch, self.waited = value, totals["epoch"], 0
+            return False
+        self.waited += 1
+        return self.patience is not None and self.waited >= self.patience
