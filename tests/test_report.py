@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from raytrain import runs
 from raytrain.config import Config
-from raytrain.driver import phases
+from raytrain.outcome import phases
 from raytrain.report.console import Console
 from raytrain.report.listing import print_runs
 from raytrain.report.page import write_report
