@@ -170,10 +170,17 @@ def empty_dataset(d):
     return ["hold no rows"]
 
 
-def no_parquet_files(d):
+def no_data_files(d):
     d.mkdir(parents=True)
-    (d / "notes.csv").write_text("a,b\n1,2\n")
-    return ["no Parquet files", str(d)]
+    (d / "notes.txt").write_text("a,b\n1,2\n")
+    return ["no Parquet or CSV files", str(d)]
+
+
+def both_kinds(d):
+    x, y = _good()
+    _write(d / "a.parquet", _fixed(x), pa.array(y))
+    (d / "b.csv").write_text("x,y\n1,0\n")
+    return ["both Parquet and CSV", str(d)]
 
 
 def no_such_path(d):
@@ -189,7 +196,8 @@ BAD = [
     infinite_features,
     negative_labels,
     empty_dataset,
-    no_parquet_files,
+    no_data_files,
+    both_kinds,
     no_such_path,
 ]
 

@@ -9,8 +9,9 @@ import torch
 
 from raytrain.config import DataConfig
 from raytrain.data.datasets import build_datasets
-from raytrain.data.files import DataError, in_validation
+from raytrain.data.files import in_validation
 
+from .conftest import one_error_line, run_module
 from .tabular import (
     FEATURES,
     LABEL,
@@ -80,10 +81,22 @@ def test_csv_trains_exactly_as_the_same_rows_in_parquet(train, scaled_parquet, t
     assert [r["loss"] for r in from_csv.metrics] == [r["loss"] for r in from_parquet.metrics]
 
 
-def test_a_csv_value_that_is_not_a_number_names_file_line_and_column(ray_session, tmp_path):
+def test_a_csv_value_that_is_not_a_number_names_file_line_and_column(tmp_path):
     lines = ["f0,f1,label", "1.5,2,0", "0.5,3,1", "2.5,x,0", "1.0,1,1"]
-    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
-    cfg = DataConfig(path=str(tmp_path), feature_columns=["f0", "f1"], label_column="label")
-    with pytest.raises(DataError) as caught:
-        build_datasets(cfg, workers=2)
-    assert str(caught.value) == f"{tmp_path / 'bad.csv'}, line 4, column 'f1': 'x' is not a number"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bad.csv").write_text("\n".join(lines) + "\n")
+    proc = run_module(
+        "raytrain.main",
+        "--set",
+        f"data.path={tmp_path / 'data'}",
+        "--set",
+        "data.feature_columns=[f0, f1]",
+        "--set",
+        "data.label_column=label",
+        "--storage-path",
+        str(tmp_path / "runs"),
+    )
+    assert one_error_line(proc) == (
+        f"raytrain: error: {tmp_path / 'data' / 'bad.csv'}, line 4, column 'f1': 'x' is not a "
+        "number"
+    )

@@ -4,7 +4,9 @@ file on the driver, and a one-line DataError for the first bad thing found."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +69,8 @@ def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
     """One streaming pass over every row: per-file statistics, and DataError for bad rows."""
     scanned = read_mapped(source, scan_batch, include_paths=True, val_fraction=val_fraction)
     try:
-        rows = scanned.take_all()
+        with _quiet(source.format == "csv"):
+            rows = scanned.take_all()
     except Exception:  # a CSV value that does not convert: find it again to name its line
         if source.format != "csv":
             raise
@@ -90,6 +93,20 @@ def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
         s.width_max = _fold(max, s.width_max, row["width_max"])
     _raise_for_bad_rows(source, stats)
     return stats
+
+
+@contextmanager
+def _quiet(expected: bool) -> Iterator[None]:
+    """Keep Ray Data from logging, with its traceback, a failure that is expected (a CSV value that
+    does not convert) and is reported in one line instead."""
+    log = logging.getLogger("ray.data")
+    level = log.level
+    if expected:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _match(path: str, stats: dict[str, FileStats]) -> str:
