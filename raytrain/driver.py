@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from raytrain import outcome, runs
 from raytrain.cluster import Plan
@@ -21,6 +21,7 @@ from raytrain.data.datasets import Datasets, build_datasets
 from raytrain.errors import UserError
 from raytrain.report.console import Console
 from raytrain.report.page import write_report
+from raytrain.train.gloo import GlooConfig
 from raytrain.train.loop import LoopArgs, train_loop_per_worker
 from raytrain.train.stopping import mode_of
 
@@ -56,7 +57,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=GlooConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=False,
