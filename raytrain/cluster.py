@@ -23,6 +23,7 @@ from pathlib import Path
 from raytrain.config import Config
 from raytrain.errors import UserError, first_line
 from raytrain.runs import storage_dir
+from raytrain.storage import Location
 
 # How often Ray Train's controller polls the workers: how soon it sees a checkpoint report, a dead
 # worker or the end of training (the default 2 s adds seconds to every run's end). Epoch metrics
@@ -140,9 +141,18 @@ def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) 
     )
 
 
-def check_storage_visible(storage: Path) -> None:
-    """On a multi-node cluster, check that every node sees the storage directory: checkpoints
-    written by a worker on one node must be readable by the driver and by a restarted worker."""
+def _sees(marker: Location) -> bool:
+    """Run on a node: whether it sees the marker (an object store it cannot reach: no)."""
+    try:
+        return marker.exists()
+    except OSError:
+        return False
+
+
+def check_storage_visible(storage: Location) -> None:
+    """On a multi-node cluster, check that every node sees the storage directory (or reaches the
+    object store): checkpoints written by a worker on one node must be readable by the driver and
+    by a restarted worker."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -150,12 +160,12 @@ def check_storage_visible(storage: Path) -> None:
     if len(nodes) < 2:
         return
     marker = storage / f".raytrain-visible-{secrets.token_hex(4)}"
-    marker.write_text("raytrain checks that every node sees this directory\n")
-    sees = ray.remote(num_cpus=0)(os.path.exists)
+    marker.write_bytes(b"raytrain checks that every node sees this directory\n")
+    sees = ray.remote(num_cpus=0)(_sees)
     asks = [
         sees.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(str(marker))
+        ).remote(marker)
         for n in nodes
     ]
     try:
@@ -167,13 +177,19 @@ def check_storage_visible(storage: Path) -> None:
             "('ray status') and try again"
         ) from None
     finally:
-        marker.unlink(missing_ok=True)
+        marker.delete_file()
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
-    if blind:
+    if blind and storage.local:
         raise ClusterError(
             f"run.storage_path {str(storage)!r} is not visible from node(s) {', '.join(blind)}: "
             "on a multi-node cluster, use a directory that every node mounts (NFS, a shared "
-            "volume) with --storage-path"
+            "volume) or object storage (s3://bucket/prefix) with --storage-path"
+        )
+    if blind:
+        raise ClusterError(
+            f"run.storage_path {str(storage)!r} cannot be reached from node(s) "
+            f"{', '.join(blind)}: the endpoint and the credentials must work on every node "
+            "(an endpoint on 127.0.0.1 only works on its own host)"
         )
 
 

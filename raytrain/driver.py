@@ -8,7 +8,6 @@ import math
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -21,6 +20,7 @@ from raytrain.data.datasets import Datasets, build_datasets
 from raytrain.errors import UserError
 from raytrain.report.console import Console
 from raytrain.report.page import write_report
+from raytrain.storage import Location
 from raytrain.train.gloo import GlooConfig
 from raytrain.train.loop import LoopArgs, train_loop_per_worker
 from raytrain.train.stopping import mode_of
@@ -30,7 +30,7 @@ def build_trainer(
     cfg: Config,
     plan: Plan,
     datasets: Datasets,
-    run_dir: Path,
+    run_dir: Location,
     fail_at: tuple[int, int] | None,
     session: str,
 ) -> TorchTrainer:
@@ -44,7 +44,7 @@ def build_trainer(
         threads=plan.threads,
         features=datasets.features,
         classes=datasets.classes,
-        run_dir=str(run_dir),
+        run_dir=run_dir,
         session=session,
         fail_at=fail_at,
         ingest=datasets.ingest,
@@ -66,7 +66,10 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            # An object store's path has no scheme: the filesystem object carries it (and the
+            # endpoint of an S3-compatible server).
+            storage_path=run_dir.parent.path,
+            storage_filesystem=None if run_dir.local else run_dir.fs,
             # The best checkpoints by the metric; Ray Train always keeps the latest one too.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
@@ -146,7 +149,7 @@ def train(
     cfg: Config,
     plan: Plan,
     datasets: Datasets,
-    run_dir: Path,
+    run_dir: Location,
     console: Console,
     fail_at: tuple[int, int] | None,
 ) -> ray.train.Result:
@@ -162,7 +165,7 @@ def train(
 def run(
     cfg: Config,
     plan: Plan,
-    run_dir: Path,
+    run_dir: Location,
     console: Console,
     fail_at: tuple[int, int] | None = None,
     report: bool = True,
@@ -186,7 +189,7 @@ def run(
     outcome.stop_if_not_finite(rows)
     if rows and rows[-1].get("stopped_early"):
         console.line(outcome.early_stop_line(cfg, rows[-1]))
-    best = outcome.best_checkpoint(result, cfg)
+    best = outcome.best_checkpoint(result, cfg, run_dir)
     validation = outcome.validate(cfg, datasets, best["checkpoint"])
     console.validation(validation, best)
     times = {

@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from raytrain import cli, config, runs
 from raytrain.cluster import Plan, connect
@@ -32,13 +31,14 @@ from raytrain.errors import (
     first_line,
 )
 from raytrain.report.console import Console
+from raytrain.storage import Location
 from raytrain.train.faults import ENV as FAIL_AT_ENV
 from raytrain.train.faults import parse_fail_at
 
 PROG = "python -m raytrain.main"
 
 
-def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[str, str]]:
+def header(cfg: Config, plan: Plan, run_dir: Location, resumed: bool) -> list[tuple[str, str]]:
     where = (
         "embedded Ray on this machine"
         if plan.embedded
@@ -65,7 +65,7 @@ def header(cfg: Config, plan: Plan, run_dir: Path, resumed: bool) -> list[tuple[
     return items
 
 
-def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
+def prepare(args: argparse.Namespace) -> tuple[Config, Location]:
     """The run's config and directory: a fresh run, or the run named by --resume after checking
     that its latest checkpoint is intact. Raises UserError."""
     flags = cli.config_flags(args)
@@ -103,7 +103,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
         )
     from raytrain.train import checkpoint  # torch: loaded only when there is a checkpoint to read
 
-    done = checkpoint.load(latest)["epoch"]  # refuses a missing, truncated or tampered one
+    done = checkpoint.load_at(latest)["epoch"]  # refuses a missing, truncated or tampered one
     if done >= cfg.train.epochs:
         raise UserError(
             f"run {run_dir.name!r} has already trained {done} epochs; pass --epochs with more "
@@ -112,7 +112,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def failure_report(error: BaseException, cfg: Config, run_dir: Path, program: str) -> str:
+def failure_report(error: BaseException, cfg: Config, run_dir: Location, program: str) -> str:
     """One paragraph on a run that gave up: who failed, in which epoch, why, what is left."""
     done = max((row["epoch"] for row in runs.read_metrics(run_dir)), default=0)
     failures = getattr(error, "worker_failures", None) or {}
@@ -129,7 +129,7 @@ def failure_report(error: BaseException, cfg: Config, run_dir: Path, program: st
     )
 
 
-def what_is_left(run_dir: Path, program: str) -> str:
+def what_is_left(run_dir: Location, program: str) -> str:
     """The last good checkpoint of a run that stopped, and the command that continues it."""
     latest = runs.latest_checkpoint(run_dir)
     if latest is None or not latest.exists():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import resource
 import socket
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,6 +21,7 @@ from raytrain.data.tables import FEATURES, LABEL
 from raytrain.errors import TrainingStopped
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
+from raytrain.storage import Location
 from raytrain.train import checkpoint
 from raytrain.train.stopping import mode_of
 
@@ -50,7 +50,12 @@ def early_stop_line(cfg: Config, row: dict[str, Any]) -> str:
     )
 
 
-def best_checkpoint(result: ray.train.Result, cfg: Config) -> dict[str, Any]:
+def _located(checkpoint: ray.train.Checkpoint, run_dir: Location) -> str:
+    """A checkpoint's path or URI (Ray Train's path on an object store has no scheme)."""
+    return str(run_dir / checkpoint.path.rstrip("/").rpartition("/")[2])
+
+
+def best_checkpoint(result: ray.train.Result, cfg: Config, run_dir: Location) -> dict[str, Any]:
     """Among the checkpoints Ray Train kept, the best by ``run.checkpoint_metric``: its epoch,
     path, the metric's value and why it was chosen."""
     metric = cfg.run.checkpoint_metric
@@ -59,7 +64,7 @@ def best_checkpoint(result: ray.train.Result, cfg: Config) -> dict[str, Any]:
     if not kept:
         latest = result.checkpoint
         return {
-            "checkpoint": latest.path,
+            "checkpoint": _located(latest, run_dir),
             "epoch": None,
             "metric": metric,
             "value": None,
@@ -68,7 +73,7 @@ def best_checkpoint(result: ray.train.Result, cfg: Config) -> dict[str, Any]:
     chosen, metrics = min(kept, key=lambda cm: (sign * cm[1][metric], cm[1]["epoch"]))
     word = "lowest" if sign == 1 else "highest"
     return {
-        "checkpoint": chosen.path,
+        "checkpoint": _located(chosen, run_dir),
         "epoch": metrics["epoch"],
         "metric": metric,
         "value": metrics[metric],
@@ -78,8 +83,8 @@ def best_checkpoint(result: ray.train.Result, cfg: Config) -> dict[str, Any]:
 
 
 def load_model(cfg: Config, datasets: Datasets, checkpoint_dir: str):
-    """The model of a checkpoint, its feature scaling and its state."""
-    state = checkpoint.load(checkpoint_dir)
+    """The model of a checkpoint (a path or URI), its feature scaling and its state."""
+    state = checkpoint.load_at(checkpoint_dir)
     model = build_model(cfg.model, datasets.features, datasets.classes)
     model.load_state_dict(state["model"])
     scaling = Scaling(**state["scaling"]) if state.get("scaling") else None
@@ -106,7 +111,7 @@ def validate(cfg: Config, datasets: Datasets, checkpoint_dir: str) -> dict[str, 
 def results(
     cfg: Config,
     plan: Plan,
-    run_dir: Path,
+    run_dir: Location,
     rows: list[dict[str, Any]],
     result: ray.train.Result,
     best: dict[str, Any],
@@ -118,7 +123,7 @@ def results(
         "run": run_dir.name,
         "run_dir": str(run_dir),
         "checkpoint": best["checkpoint"],
-        "latest_checkpoint": result.checkpoint.path,
+        "latest_checkpoint": _located(result.checkpoint, run_dir),
         "best": best,
         "stopped_early": rows[-1].get("stopped_early") if rows else None,
         "epochs": rows[-1]["epoch"] if rows else 0,

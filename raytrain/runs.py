@@ -1,5 +1,6 @@
 """The run directory: every file name in it, and reading and writing them. One directory per run
-under ``run.storage_path``; what each file holds is described in docs/run-directory.md.
+under ``run.storage_path``, a local directory or an object-store URI (raytrain.storage); what
+each file holds is described in docs/run-directory.md.
 
 ```
 RUN_DIR/
@@ -12,11 +13,13 @@ RUN_DIR/
   checkpoint_manager_snapshot.json  Ray Train's list of checkpoints: names the one to resume from
 ```
 
-``metrics.jsonl`` is append-only. An epoch row has ``epoch``; a start line has ``start`` (a start
-or restart of the worker group: ``session``, the driver's id; ``from_epoch``, the epochs the
-checkpoint it starts from had done; ``supersedes``, the epochs already in the file that it trains
-again; ``time``). A row of an epoch trained again supersedes the earlier one: readers show each
-epoch once, the last one written.
+``metrics.jsonl`` is append-only (on an object store, which cannot append, rank 0 writes the whole
+object again with each line: a PUT is atomic, so readers always see whole lines, and the one writer
+reads before it writes, so no line is lost). An epoch row has ``epoch``; a start line has ``start``
+(a start or restart of the worker group: ``session``, the driver's id; ``from_epoch``, the epochs
+the checkpoint it starts from had done; ``supersedes``, the epochs already in the file that it
+trains again; ``time``). A row of an epoch trained again supersedes the earlier one: readers show
+each epoch once, the last one written.
 
 This module imports nothing heavy: every worker loads it.
 """
@@ -34,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from raytrain.config import Config
-from raytrain.errors import UserError
+from raytrain.errors import UserError, first_line
+from raytrain.storage import Location
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -62,13 +66,23 @@ class RunDirError(UserError):
     """A run directory that cannot be created, found, read or resumed."""
 
 
-def storage_dir(storage_path: str) -> Path:
-    """The absolute storage directory (workers chdir elsewhere, so relative paths would break)."""
-    return Path(storage_path).expanduser().resolve()
+RunPath = str | os.PathLike | Location
 
 
-def display(path: Path) -> str:
-    """A path to show: relative to the working directory when under it (shorter to read)."""
+def storage_dir(storage_path: RunPath) -> Location:
+    """The storage location: an absolute local directory (workers chdir elsewhere, so relative
+    paths would break) or an object-store URI (raytrain.storage)."""
+    return Location.of(storage_path)
+
+
+def display(path: RunPath) -> str:
+    """A path to show: relative to the working directory when under it (shorter to read); a URI
+    as it is."""
+    if isinstance(path, Location):
+        if not path.local:
+            return str(path)
+        path = path.as_path()
+    path = Path(path)
     try:
         return str(path.relative_to(Path.cwd()))
     except (ValueError, OSError):  # elsewhere, or the working directory is gone (in a Ray Job)
@@ -80,18 +94,41 @@ def checkpoint_name(epoch: int) -> str:
     return f"checkpoint_epoch_{epoch:06d}"
 
 
-def fault_marker(run_dir: str | Path, rank: int, epoch: int) -> Path:
+def fault_marker(run_dir: RunPath, rank: int, epoch: int) -> Location:
     """The file that records a fault injected into ``rank`` at ``epoch`` (RAYTRAIN_FAIL_AT)."""
-    return Path(run_dir) / f".fault-injected-rank{rank}-epoch{epoch}"
+    return Location.of(run_dir) / f".fault-injected-rank{rank}-epoch{epoch}"
 
 
 # ---- creating, finding and resuming runs ---------------------------------------------------------
 
 
-def claim(cfg: Config) -> Path:
+def claim(cfg: Config) -> Location:
     """Create a new run's directory; an existing run is never reused silently."""
     storage = storage_dir(cfg.run.storage_path)
     name = cfg.run.name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    if storage.local:
+        _check_local_storage(storage.as_path())
+    else:
+        check_object_storage(storage)
+    run_dir = storage / name
+    exists = RunDirError(
+        f"run {name!r} already exists in {str(storage)!r}; continue it with --resume {name}, "
+        "or choose another --name (or leave it out for a fresh one)"
+    )
+    if not storage.local:
+        # An object store has no "create if absent": a run exists once any of its files does.
+        if run_dir.exists():
+            raise exists
+        run_dir.mkdir()
+        return run_dir
+    try:
+        run_dir.as_path().mkdir()
+    except FileExistsError:
+        raise exists from None
+    return run_dir
+
+
+def _check_local_storage(storage: Path) -> None:
     try:
         storage.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -104,42 +141,56 @@ def claim(cfg: Config) -> Path:
             f"run.storage_path {str(storage)!r} is not a writable directory; "
             "choose a writable directory with --storage-path"
         )
-    run_dir = storage / name
+
+
+def check_object_storage(storage: Location) -> None:
+    """Fail in seconds, in one sentence, on a bucket that does not exist, credentials it refuses
+    or an endpoint that does not answer, before anything starts."""
+    bucket = storage.path.partition("/")[0]
     try:
-        run_dir.mkdir()
-    except FileExistsError:
+        found = Location(storage.fs, bucket, storage.scheme, storage.query).exists()
+        if found:
+            storage.mkdir()
+    except OSError as e:
         raise RunDirError(
-            f"run {name!r} already exists in {str(storage)!r}; continue it with --resume {name}, "
-            "or choose another --name (or leave it out for a fresh one)"
+            f"run.storage_path {str(storage)!r} cannot be used: {first_line(e)}; check the "
+            "endpoint, the bucket and the credentials (AWS_ACCESS_KEY_ID, ~/.aws/credentials)"
         ) from None
-    return run_dir
+    if not found:
+        raise RunDirError(
+            f"run.storage_path {str(storage)!r}: bucket {bucket!r} does not exist; create it, "
+            "or fix the bucket's name"
+        )
 
 
-def discard_if_unused(run_dir: Path) -> None:
+def discard_if_unused(run_dir: Location) -> None:
     """Remove a run directory that holds nothing but the config its run just wrote."""
-    if {p.name for p in run_dir.iterdir()} <= {CONFIG_FILE}:
-        (run_dir / CONFIG_FILE).unlink(missing_ok=True)
-        run_dir.rmdir()
+    if {child.name for child in run_dir.children()} <= {CONFIG_FILE}:
+        config = run_dir / CONFIG_FILE
+        if config.exists():
+            config.delete_file()
+        run_dir.delete_dir()
 
 
-def locate(resume: str, storage_path: str) -> Path:
+def locate(resume: str, storage_path: RunPath) -> Location:
     """The run directory to resume: a run name under the storage path, or a path to one."""
-    candidates = [storage_dir(storage_path) / resume, Path(resume).expanduser().resolve()]
+    storage = storage_dir(storage_path)
+    candidates = [storage / resume, Location.of(resume)]
     for run_dir in candidates:
         if (run_dir / CONFIG_FILE).is_file():
             return run_dir
     raise RunDirError(
-        f"--resume {resume!r}: no run of that name in {str(candidates[0].parent)!r} and no run "
+        f"--resume {resume!r}: no run of that name in {str(storage)!r} and no run "
         f"directory (with a {CONFIG_FILE}) at that path"
     )
 
 
-def save_config(run_dir: Path, cfg: Config) -> None:
+def save_config(run_dir: Location, cfg: Config) -> None:
     """Record the config a run started with, so that --resume continues with the same one."""
-    write_atomically(run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    (run_dir / CONFIG_FILE).write_bytes((json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
 
-def saved_config(run_dir: Path) -> dict[str, Any]:
+def saved_config(run_dir: Location) -> dict[str, Any]:
     """The config a run started with, as a dict."""
     data = read_json(run_dir / CONFIG_FILE)
     if data is None:
@@ -147,8 +198,9 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: RunPath) -> Location | None:
     """The checkpoint Ray Train will resume this run from (None if the run has none yet)."""
+    run_dir = Location.of(run_dir)
     snapshot = read_json(run_dir / RAY_SNAPSHOT_FILE)
     latest = (snapshot or {}).get("latest_checkpoint_result")
     if not latest:
@@ -156,7 +208,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / latest["checkpoint_dir_name"]
 
 
-def resume_command(run_dir: Path, program: str = "python -m raytrain.main") -> str:
+def resume_command(run_dir: Location, program: str = "python -m raytrain.main") -> str:
     """The command that continues this run."""
     args = ["--resume", run_dir.name, "--storage-path", str(run_dir.parent)]
     return f"{program} {shlex.join(args)}"
@@ -165,28 +217,24 @@ def resume_command(run_dir: Path, program: str = "python -m raytrain.main") -> s
 # ---- files written whole: config, results, report ------------------------------------------------
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: RunPath, data: bytes) -> None:
     """Write a file so that a reader sees the old content or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    Location.of(path).write_bytes(data)
 
 
-def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
+def write_results(run_dir: Location, results: dict[str, Any]) -> Location:
     """Write results.json."""
     path = run_dir / RESULTS_FILE
-    write_atomically(path, (json.dumps(results, indent=2) + "\n").encode())
+    path.write_bytes((json.dumps(results, indent=2) + "\n").encode())
     return path
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: RunPath) -> dict[str, Any] | None:
     """A JSON object from a file (None if there is no file); RunDirError if it is damaged."""
-    if not path.exists():
-        return None
+    path = Location.of(path)
     try:
+        if not path.exists():
+            return None
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RunDirError(f"{str(path)!r} is not readable JSON ({e})") from None
@@ -198,35 +246,35 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # ---- metrics.jsonl: appended by rank 0, read and followed by the driver --------------------------
 
 
-def append_line(run_dir: str | Path, record: dict[str, Any]) -> None:
-    """Append one line to metrics.jsonl in a single write() to a file opened for appending, so
-    that a worker killed mid-write never leaves half a line followed by another."""
-    fd = os.open(Path(run_dir) / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-    finally:
-        os.close(fd)
+def append_line(run_dir: RunPath, record: dict[str, Any]) -> None:
+    """Append one line to metrics.jsonl (on an object store: the object written again whole, by
+    the one writer there is, rank 0, so no line is ever lost and readers see whole lines)."""
+    (Location.of(run_dir) / METRICS_FILE).append((json.dumps(record) + "\n").encode())
 
 
-def read_lines(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_lines(run_dir: RunPath) -> list[dict[str, Any]]:
     """Every complete line of metrics.jsonl in order (a last line without its newline is still
     being written); RunDirError if one is not JSON."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
+    path = Location.of(run_dir) / METRICS_FILE
     try:
-        return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
+        if not path.exists():
+            return []
+        text = path.read_text()
+    except OSError as e:
+        raise RunDirError(f"{str(path)!r} cannot be read ({first_line(e)})") from None
+    try:
+        return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
     except ValueError:
         raise RunDirError(f"{str(path)!r} holds a line that is not a metrics row") from None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: RunPath) -> list[dict[str, Any]]:
     """The epoch rows of a run, one per epoch in epoch order, the last written winning."""
     by_epoch = {line["epoch"]: line for line in read_lines(run_dir) if "epoch" in line}
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-def history(run_dir: str | Path) -> list[dict[str, Any]]:
+def history(run_dir: RunPath) -> list[dict[str, Any]]:
     """The run's segments, one per driver session (the first run and every --resume): the epoch
     it started from, the last epoch it wrote, its restarts of the worker group, and the seconds
     from its first start to its last row."""
@@ -255,14 +303,17 @@ def history(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Follower:
-    """Calls ``on_line`` for every line added to metrics.jsonl from now on, from a thread."""
+    """Calls ``on_line`` for every line added to metrics.jsonl from now on, from a thread: every
+    0.1 s on a disk (a seek and a read), every second on an object store (a HEAD, and a GET when
+    the object grew)."""
 
-    def __init__(self, run_dir: str | Path, on_line: Callable[[dict[str, Any]], None]):
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(self, run_dir: RunPath, on_line: Callable[[dict[str, Any]], None]):
+        self.path = Location.of(run_dir) / METRICS_FILE
         self.on_line = on_line
+        self._interval = 0.1 if self.path.local else 1.0
         self._stop = threading.Event()
         # A resumed run's earlier lines are history, not progress.
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        self._offset = self.path.size() if self.path.exists() else 0
         self._thread = threading.Thread(target=self._loop, name="raytrain-follow", daemon=True)
 
     def __enter__(self) -> Follower:
@@ -275,17 +326,23 @@ class Follower:
         self._poll()  # whatever arrived after the last poll
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.1):
-            self._poll()
+        while not self._stop.wait(self._interval):
+            try:
+                self._poll()
+            except OSError:
+                continue  # an object store that did not answer this time: ask again
 
     def _poll(self) -> None:
-        if not self.path.exists():
+        if not self.path.exists() or self.path.size() <= self._offset:
             return
-        with open(self.path) as f:
-            f.seek(self._offset)
-            while True:
-                line = f.readline()
-                if not line.endswith("\n"):
-                    break  # a line still being written: read it next time
-                self._offset += len(line.encode())
+        if self.path.local:
+            with open(self.path.path, "rb") as f:
+                f.seek(self._offset)
+                new = f.read()
+        else:
+            new = self.path.read_bytes()[self._offset :]
+        complete = new[: new.rfind(b"\n") + 1]  # a line still being written: read it next time
+        self._offset += len(complete)
+        for line in complete.decode().splitlines():
+            if line.strip():
                 self.on_line(json.loads(line))

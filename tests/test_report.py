@@ -89,7 +89,7 @@ def write_epoch(log: MetricsLog, epoch: int, first: bool = False, save: bool = F
     workers = [worker_row(s, f) for s, f in zip(stats, facts, strict=True)]
     saved = str(log.run_dir / runs.checkpoint_name(epoch)) if save else None
     if save:
-        (log.run_dir / runs.checkpoint_name(epoch)).mkdir(exist_ok=True)
+        (log.run_dir.as_path() / runs.checkpoint_name(epoch)).mkdir(exist_ok=True)
     return log.write(epoch_totals(epoch, stats), workers, saved)
 
 

@@ -13,8 +13,9 @@ from rich.console import Console as RichConsole
 from rich.table import Table
 
 from raytrain import runs
-from raytrain.errors import UserError
+from raytrain.errors import UserError, first_line
 from raytrain.report.page import read_run
+from raytrain.storage import Location
 
 FINISHED, INTERRUPTED, INCOMPLETE, EMPTY, UNREADABLE = (
     "finished",
@@ -40,11 +41,11 @@ class RunSummary:
     epochs_done: int
     epochs_total: int | None
     val_accuracy: float | None
-    checkpoint: Path | None
+    checkpoint: Location | None
     started: float
 
 
-def summarize_run(run_dir: Path) -> RunSummary:
+def summarize_run(run_dir: Location) -> RunSummary:
     """The run list's line for one run directory."""
     try:
         run = read_run(run_dir)
@@ -73,29 +74,32 @@ def summarize_run(run_dir: Path) -> RunSummary:
     )
 
 
-def _started(run_dir: Path, rows: list[dict[str, Any]]) -> float:
+def _started(run_dir: Location, rows: list[dict[str, Any]]) -> float:
     """When the run started: config.json is written first, before any training."""
     config = run_dir / runs.CONFIG_FILE
     if config.exists():
-        return config.stat().st_mtime
+        return config.mtime() or 0.0
     if rows and isinstance(rows[0].get("time"), (int, float)):
         return rows[0]["time"] - rows[0].get("epoch_time_s", 0.0)
-    return run_dir.stat().st_mtime
+    return run_dir.mtime() or 0.0
 
 
 def list_runs(storage_path: str | Path) -> list[RunSummary]:
-    """The runs under a storage path, newest first."""
+    """The runs under a storage path (a directory or URI), newest first."""
     storage = runs.storage_dir(str(storage_path))
-    if not storage.is_dir():
+    try:
+        kind = "a directory" if storage.is_dir() else "a file" if storage.exists() else None
+        children = storage.children() if kind == "a directory" else []
+    except OSError as e:
+        raise UserError(f"cannot read storage path {str(storage)!r}: {first_line(e)}") from None
+    if kind != "a directory":
         raise UserError(
             f"storage path {str(storage)!r} "
-            f"{'is not a directory' if storage.exists() else 'does not exist'}; "
+            f"{'is not a directory' if kind else 'does not exist'}; "
             "pass the --storage-path the runs were started with"
         )
     found = [
-        summarize_run(path)
-        for path in storage.iterdir()
-        if path.is_dir() and not path.name.startswith(".")
+        summarize_run(path) for path in children if path.is_dir() and not path.name.startswith(".")
     ]
     return sorted(found, key=lambda run: (run.started, run.name), reverse=True)
 

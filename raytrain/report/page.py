@@ -14,32 +14,37 @@ from typing import Any
 import jinja2
 
 from raytrain import runs
-from raytrain.errors import UserError
+from raytrain.errors import UserError, first_line
 from raytrain.report import plots
+from raytrain.storage import Location, basename
 
 
 @dataclass(frozen=True)
 class RunFiles:
     """What a run directory holds, read once."""
 
-    run_dir: Path
+    run_dir: Location
     rows: list[dict[str, Any]]  # one per epoch (raytrain.runs.read_metrics)
     segments: list[dict[str, Any]]  # raytrain.runs.history
     results: dict[str, Any] | None
     config: dict[str, Any] | None
 
 
-def read_run(run_dir: Path) -> RunFiles:
+def read_run(run_dir: Location) -> RunFiles:
     """Whatever a run directory holds so far; damaged files are a RunDirError naming them."""
     results = runs.read_json(run_dir / runs.RESULTS_FILE)
     config = (results or {}).get("config") or runs.read_json(run_dir / runs.CONFIG_FILE)
     return RunFiles(run_dir, runs.read_metrics(run_dir), runs.history(run_dir), results, config)
 
 
-def load_run(run_dir: str | Path) -> RunFiles:
-    """Read a run directory; a path that is not a run is a UserError."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not run_dir.is_dir():
+def load_run(run_dir: str | Path | Location) -> RunFiles:
+    """Read a run directory (a path or URI); a path that is not a run is a UserError."""
+    run_dir = Location.of(run_dir)
+    try:
+        found = run_dir.is_dir()
+    except OSError as e:
+        raise UserError(f"cannot read {str(run_dir)!r}: {first_line(e)}") from None
+    if not found:
         raise UserError(f"no run directory at {str(run_dir)!r}")
     if not any((run_dir / name).exists() for name in (runs.METRICS_FILE, runs.RESULTS_FILE)):
         raise UserError(
@@ -49,17 +54,17 @@ def load_run(run_dir: str | Path) -> RunFiles:
     return read_run(run_dir)
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path | Location) -> tuple[Location, Location]:
     """Write report.png and report.html into a run directory; returns their paths."""
     run = load_run(run_dir)
     png = plots.render_png(run)
     paths = run.run_dir / runs.REPORT_PNG, run.run_dir / runs.REPORT_HTML
     try:
-        runs.write_atomically(paths[0], png)
-        runs.write_atomically(paths[1], render_html(run, png).encode())
+        paths[0].write_bytes(png)
+        paths[1].write_bytes(render_html(run, png).encode())
     except OSError as e:
         raise UserError(
-            f"cannot write the report into {str(run.run_dir)!r} ({e.strerror})"
+            f"cannot write the report into {str(run.run_dir)!r} ({e.strerror or first_line(e)})"
         ) from None
     return paths
 
@@ -124,7 +129,7 @@ def render_html(run: RunFiles, png: bytes) -> str:
                 _num(row.get("lr"), "{:.3g}"),
                 f"{row['samples_per_s']:,.0f}",
                 f"{row['epoch_time_s']:.3f}",
-                Path(row["checkpoint"]).name if row.get("checkpoint") else "",
+                basename(row["checkpoint"]) if row.get("checkpoint") else "",
             ]
             for row in run.rows
         ],

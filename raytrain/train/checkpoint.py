@@ -25,6 +25,7 @@ from torch import nn
 from raytrain.errors import UserError, first_line
 from raytrain.model import unwrap
 from raytrain.runs import checkpoint_name
+from raytrain.storage import Location
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -103,6 +104,20 @@ def load(directory: str | Path) -> dict[str, Any]:
         ) from None
     state["meta"] = meta
     return state
+
+
+def load_at(location: str | Path | Location) -> dict[str, Any]:
+    """``load`` a checkpoint by its path or URI (one on an object store is downloaded first)."""
+    location = Location.of(location)
+    if location.local:
+        return load(location.path)
+    if not location.is_dir():
+        raise CheckpointError(f"checkpoint {str(location)!r} does not exist or is not a directory")
+    with location.local_copy() as directory:
+        try:
+            return load(directory)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(str(directory), str(location))) from None
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:

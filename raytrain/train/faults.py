@@ -26,7 +26,7 @@ def parse_fail_at(text: str | None) -> tuple[int, int] | None:
     return int(rank), int(epoch)
 
 
-def die_if_due(fail_at: tuple[int, int] | None, rank: int, epoch: int, run_dir: str) -> None:
+def die_if_due(fail_at: tuple[int, int] | None, rank: int, epoch: int, run_dir) -> None:
     """SIGKILL this worker if ``fail_at`` is (rank, epoch) and it has not died there before."""
     if fail_at != (rank, epoch):
         return
@@ -34,5 +34,7 @@ def die_if_due(fail_at: tuple[int, int] | None, rank: int, epoch: int, run_dir: 
     if marker.exists():
         return
     time.sleep(1.0)  # a moment into the epoch, as a real failure would
-    marker.write_text(json.dumps({"rank": rank, "epoch": epoch, "killed_at": time.time()}))
+    marker.write_bytes(
+        json.dumps({"rank": rank, "epoch": epoch, "killed_at": time.time()}).encode()
+    )
     os.kill(os.getpid(), signal.SIGKILL)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from raytrain.data.tables import FEATURES, LABEL, to_tensors
 from raytrain.evaluate import tally
 from raytrain.model import build_model, unwrap
 from raytrain.runs import checkpoint_name
+from raytrain.storage import Location
 from raytrain.train import checkpoint
 from raytrain.train.faults import die_if_due
 from raytrain.train.metrics import (
@@ -56,7 +56,7 @@ class LoopArgs:
     threads: int
     features: int
     classes: int
-    run_dir: str
+    run_dir: Location
     session: str  # the driver's id: tells a restart of the worker group from a resumed run
     ingest: str = "memory"  # or "stream": see raytrain.data.datasets
     blocks: tuple = ()  # in memory: the training split's Arrow blocks in the object store
@@ -276,7 +276,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
         if log is not None:  # the row first: a crash while checkpointing keeps it
             facts = starts if epoch == start_epoch else [{k: s[k] for k in PLACE} for s in starts]
             workers = [worker_row(s, f) for s, f in zip(stats, facts, strict=True)]
-            saved = str(Path(args.run_dir) / checkpoint_name(done)) if save else None
+            saved = str(args.run_dir / checkpoint_name(done)) if save else None
             log.write(totals, workers, saved)
         if save:
             state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from raytrain import runs
+from raytrain.storage import Location
 
 # What each worker contributes to an epoch's row, gathered in one collective per epoch.
 STATS = (
@@ -110,11 +112,18 @@ def worker_row(stats: dict[str, float], facts: dict[str, Any]) -> dict[str, Any]
 class MetricsLog:
     """Rank 0's writer of metrics.jsonl and the TensorBoard events of one worker-group start."""
 
-    def __init__(self, run_dir: str, session: str, from_epoch: int):
+    def __init__(self, run_dir: runs.RunPath, session: str, from_epoch: int):
         """Write the start line: this start trains from ``from_epoch`` on, superseding the rows
         of later epochs already in the file (a restart, or a resumed run)."""
-        self.run_dir = Path(run_dir)
-        self.tensorboard_dir = Path(run_dir) / runs.TENSORBOARD_DIR
+        self.run_dir = run_dir = Location.of(run_dir)
+        self.tensorboard = run_dir / runs.TENSORBOARD_DIR
+        # TensorBoard's writer needs a local file: on an object store, the events are written
+        # here and the file is uploaded whole after each epoch (a few hundred bytes an epoch).
+        self._tensorboard_dir = (
+            self.tensorboard.as_path()
+            if run_dir.local
+            else Path(tempfile.mkdtemp(prefix="raytrain-tensorboard-"))
+        )
         self._writer = None
         written = [row["epoch"] for row in runs.read_metrics(run_dir)]
         start = {
@@ -141,9 +150,9 @@ class MetricsLog:
 
         epoch, now = row["epoch"], time.time()
         if self._writer is None:
-            self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
+            self._tensorboard_dir.mkdir(parents=True, exist_ok=True)
             self._writer = EventsWriter(
-                str(self.tensorboard_dir / "events"),
+                str(self._tensorboard_dir / "events"),
                 # Event file names carry only the second and the host: the nanoseconds keep two
                 # writers of one run (a restarted worker group, a resumed run) apart and in the
                 # order TensorBoard must read them.
@@ -174,3 +183,6 @@ class MetricsLog:
         # (tensorboardX's SummaryWriter writes from a queue on a thread of its own, and its
         # flush() does not wait for that queue.)
         self._writer.flush()
+        if not self.tensorboard.local:
+            for events in self._tensorboard_dir.iterdir():  # this writer's one file
+                (self.tensorboard / events.name).write_bytes(events.read_bytes())
