@@ -180,13 +180,13 @@ def build_parser(prog: str = "raytrain") -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import os
     import time
 
     import ray
 
     from raytrain.cluster import init_ray
     from raytrain.data.synthetic import generate as write_parquet
+    from raytrain.storage import Location
 
     given = {f"data.{name}": getattr(args, name) for name in _GENERATED}
     data = config.load(
@@ -198,10 +198,11 @@ def generate(args: argparse.Namespace) -> int:
         written = write_parquet(args.rows, args.out, args.rows_per_file, data)
     finally:
         ray.shutdown()
-    size = sum(os.path.getsize(path) for path, _ in written)
+    out = Location.of(args.out)
+    size = sum(child.size() for child in out.children() if child.name.endswith(".parquet"))
     print(
         f"wrote {sum(n for _, n in written):,} rows in {len(written)} files, {size / 1e6:,.1f} MB, "
-        f"to {os.path.abspath(args.out)} in {time.perf_counter() - started:.1f} s"
+        f"to {out} in {time.perf_counter() - started:.1f} s"
     )
     return EXIT_OK
 

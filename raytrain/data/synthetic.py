@@ -12,14 +12,14 @@ learn it, but not perfectly.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from raytrain.config import DataConfig
-from raytrain.errors import UserError
+from raytrain.errors import UserError, first_line
+from raytrain.storage import Location
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,17 @@ def make_synthetic(cfg: DataConfig) -> Split:
     return Split(x[train], y[train], x[val], y[val])
 
 
-def write_block(index: int, rows: int, out: str, cfg: DataConfig) -> tuple[str, int]:
+def write_block(index: int, rows: int, out: Location, cfg: DataConfig) -> tuple[str, int]:
     """Write block ``index`` as ``out/part-NNNNN.parquet``; returns its path and row count."""
     import pyarrow.parquet as pq
 
     from raytrain.data.tables import xy_table
 
     x, y, _ = draw(rows, cfg, index)
-    path = f"{out}/part-{index:05d}.parquet"
-    pq.write_table(xy_table(x.numpy(), y.numpy()), path, row_group_size=min(rows, 131072))
-    return path, rows
+    path = out / f"part-{index:05d}.parquet"
+    table = xy_table(x.numpy(), y.numpy())
+    pq.write_table(table, path.path, filesystem=out.fs, row_group_size=min(rows, 131072))
+    return str(path), rows
 
 
 def generate(rows: int, out: str, rows_per_file: int, cfg: DataConfig) -> list[tuple[str, int]]:
@@ -78,10 +79,16 @@ def generate(rows: int, out: str, rows_per_file: int, cfg: DataConfig) -> list[t
     (needs a connected Ray), so that no row passes through the driver."""
     import ray
 
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    if any(name.endswith(".parquet") for name in os.listdir(out)):
-        raise UserError(f"--out {out!r} already holds Parquet files; choose an empty directory")
+    out = Location.of(out)
+    try:
+        out.mkdir()
+        taken = any(child.name.endswith(".parquet") for child in out.children())
+    except OSError as e:
+        raise UserError(f"--out {str(out)!r} cannot be written: {first_line(e)}") from None
+    if taken:
+        raise UserError(
+            f"--out {str(out)!r} already holds Parquet files; choose an empty directory"
+        )
     task = ray.remote(num_cpus=1)(write_block)
     starts = range(0, rows, rows_per_file)
     refs = [
