@@ -34,6 +34,7 @@ _PROBE_TIMEOUT_S = 5.0
 _STORAGE_CHECK_TIMEOUT_S = 120.0
 _DATA_CPUS = 1
 _BLOCK_BYTES = 8 * 1024 * 1024
+_EMBEDDED_TOKEN = secrets.token_hex(32)
 
 
 class ClusterError(UserError):
@@ -276,8 +277,35 @@ def _code_runtime_env() -> dict | None:
     return {"py_modules": [str(package)], "excludes": ["__pycache__"]}
 
 
+def _private_token() -> None:
+    """Token auth for an embedded Ray, with a token of its own.
+
+    Ray's processes listen on every interface (only the dashboard, which an embedded Ray does not
+    start, can be bound to loopback); what keeps others out is Ray's token auth. ``ray.init()``
+    turns it on by default, but reads ``RAY_AUTH_MODE=disabled`` from the environment and shares
+    ``~/.ray/auth_token`` (mode 0644) with every Ray of the user. An embedded Ray gets token auth
+    whatever the environment says, and a fresh token that only its own processes inherit (one
+    per driver process: Ray's client caches the token it read first).
+    """
+    from ray._raylet import Config as RayConfig
+
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _EMBEDDED_TOKEN}
+    # This process read RAY_AUTH_MODE when Ray was imported: read it again (what ray.init does
+    # itself when it turns token auth on by default).
+    RayConfig.initialize("")
+
+
+def auth_is_on() -> bool:
+    """Whether this process's Ray uses token auth."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return get_authentication_mode() == AuthenticationMode.TOKEN
+
+
 def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
-    """ray.init, quiet unless ``verbose``: ``address=None`` starts a private embedded instance."""
+    """ray.init, quiet unless ``verbose``: ``address=None`` starts a private embedded instance
+    (token auth on, with a token of its own: ``_private_token``)."""
     import ray
     from ray.data import DataContext
 
@@ -294,7 +322,13 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
         # processes Ray starts here inherit this environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # address="local" always starts a private instance, never joins another one on this host.
+        _private_token()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+        if not auth_is_on():
+            raise ClusterError(
+                "the embedded Ray started without token auth: anyone who reaches this machine "
+                "could run code in it; stopped (this Ray version ignores RAY_AUTH_MODE=token)"
+            )
     data_ctx = DataContext.get_current()
     # Small blocks: what the driver buffers while it validates stays small however large a
     # Parquet file is (a block is read whole).

@@ -57,7 +57,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
-        torch_config=GlooConfig(),
+        torch_config=GlooConfig(local_only=plan.embedded),
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=False,

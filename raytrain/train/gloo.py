@@ -5,7 +5,10 @@ Debian/Ubuntu host (``127.0.1.1 hostname`` in /etc/hosts) is loopback: workers o
 cannot connect ("Gloo connectFullMesh failed ... remote=[127.0.0.1]"). Ray knows the IP every node
 is reached at; each worker sets ``GLOO_SOCKET_IFNAME`` to the interface holding it before Ray Train
 creates the process group. A ``GLOO_SOCKET_IFNAME`` the worker already has (exported before
-``ray start``) is kept.
+``ray start``) is kept. On an embedded Ray, whose workers all run on this machine, Gloo listens on
+loopback only.
+
+psutil comes with Ray (``ray/thirdparty_files``, on the path once ray is imported).
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ def node_interface() -> tuple[str, str | None]:
     return ip, os.environ.get(VARIABLE) or interface_of(ip)
 
 
-def use_node_interface() -> None:
-    """Run on each worker before the process group exists: point Gloo at the node's interface."""
+def use_node_interface(local_only: bool = False) -> None:
+    """Run on each worker before the process group exists: point Gloo at the node's interface
+    (with ``local_only``, at loopback)."""
     if os.environ.get(VARIABLE):
         return
-    ip, name = node_interface()
+    ip, name = ("127.0.0.1", interface_of("127.0.0.1")) if local_only else node_interface()
     if name is None:
         raise RuntimeError(
             f"no network interface on {socket.gethostname()} holds this Ray node's IP {ip}; "
@@ -60,15 +64,17 @@ def use_node_interface() -> None:
 
 class _Backend(_TorchBackend):
     def on_start(self, worker_group, backend_config) -> None:
-        worker_group.execute(use_node_interface)
+        worker_group.execute(use_node_interface, local_only=backend_config.local_only)
         super().on_start(worker_group, backend_config)
 
 
 @dataclass
 class GlooConfig(TorchConfig):
-    """Ray Train's TorchConfig for CPU workers: gloo, on each node's own interface."""
+    """Ray Train's TorchConfig for CPU workers: gloo, on each node's own interface (loopback
+    with ``local_only``: every worker on this machine)."""
 
     backend: str = "gloo"
+    local_only: bool = False
 
     @property
     def backend_cls(self):
