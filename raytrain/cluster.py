@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import sys
@@ -32,7 +33,7 @@ from raytrain.storage import Location
 _POLL_INTERVAL_S = "0.05"
 _PROBE_TIMEOUT_S = 5.0
 _STORAGE_CHECK_TIMEOUT_S = 120.0
-_DATA_CPUS = 1
+DATA_CPUS = 1
 _BLOCK_BYTES = 8 * 1024 * 1024
 _EMBEDDED_TOKEN = secrets.token_hex(32)
 
@@ -113,7 +114,7 @@ def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) 
     total = resources.get("CPU", 0.0)
     needed = (least or workers) * cpus
     if cfg.data.path is not None:
-        needed += _DATA_CPUS  # Ray Data's read tasks need a CPU that no worker holds
+        needed += DATA_CPUS  # Ray Data's read tasks need a CPU that no worker holds
     alive = [n for n in nodes if n.get("Alive")]
     if needed > total:
         per_node = ", ".join(
@@ -121,7 +122,7 @@ def plan_cluster(cfg: Config, address: str, resources: dict, nodes: list[dict]) 
             for n in alive
         )
         count = f"{least} workers (elastic minimum)" if least else f"{workers} workers"
-        data = f" + {_DATA_CPUS} for reading Parquet" if cfg.data.path is not None else ""
+        data = f" + {DATA_CPUS} for reading Parquet" if cfg.data.path is not None else ""
         raise ClusterError(
             f"asked for {count} x {cpus:g} CPUs{data} = {needed:g} CPUs, but the cluster at "
             f"{address} has {total:g} CPUs on {len(alive)} node(s) [{per_node}]; use fewer "
@@ -208,6 +209,41 @@ def _quiet_environment(verbose: bool) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         for name in ("ray", "ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_NODE_DEAD = re.compile(
+    r"node id: (?P<id>[0-9a-f]+) and address: (?P<ip>\S+).*? has been marked dead because "
+    r"(?P<why>[^.]*)"
+)
+
+
+def _relay_cluster_errors() -> None:
+    """Ray prints the cluster's error messages on the driver's console whatever the log level
+    (ray._private.worker.listen_error_messages), a lost node as a coloured paragraph. Without
+    --verbose, a lost node becomes one line of raytrain's; other messages pass unchanged."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "raytrain_relay", False):
+        return  # another Ray version, or done already
+
+    def relay(data: dict, ignore_prefix: bool) -> None:
+        rest = []
+        for line in data.get("lines", []):
+            dead = _NODE_DEAD.search(line) if data.get("pid") == "raylet" else None
+            if dead:
+                print(
+                    f"   lost  node {dead['ip']} ({dead['id'][:8]}): Ray marked it dead "
+                    f"({dead['why']})",
+                    flush=True,
+                )
+            else:
+                rest.append(line)
+        if rest:
+            original({**data, "lines": rest}, ignore_prefix)
+
+    relay.raytrain_relay = True
+    ray_worker.print_to_stdstream = relay
 
 
 def probe(address: str) -> None:
@@ -329,6 +365,8 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
                 "the embedded Ray started without token auth: anyone who reaches this machine "
                 "could run code in it; stopped (this Ray version ignores RAY_AUTH_MODE=token)"
             )
+    if not verbose:
+        _relay_cluster_errors()
     data_ctx = DataContext.get_current()
     # Small blocks: what the driver buffers while it validates stays small however large a
     # Parquet file is (a block is read whole).
@@ -366,7 +404,7 @@ def connect(cfg: Config) -> Iterator[Plan]:
         offered = cores if plan.min_workers is not None else max(cores, math.ceil(plan.cpus))
         # One more for Ray Data's read tasks: with every CPU held by a training worker, reading
         # Parquet would wait forever.
-        init_ray(None, offered + _DATA_CPUS, cfg.run.verbose)
+        init_ray(None, offered + DATA_CPUS, cfg.run.verbose)
     plan = dataclasses.replace(plan, ray_start_s=time.perf_counter() - started)
     try:
         yield plan

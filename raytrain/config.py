@@ -263,7 +263,11 @@ class RunConfig(_Section):
         **_flag("name"),
     )
     storage_path: str = Field(
-        "runs", description="Directory that holds one directory per run.", **_flag("storage-path")
+        "runs",
+        description="Where run directories go: a directory (shared by every node on a cluster) "
+        "or an object-store URI (s3://bucket/prefix, gs://...; ?endpoint_override=HOST:PORT"
+        "&scheme=http for an S3-compatible server).",
+        **_flag("storage-path"),
     )
     address: str | None = Field(
         None,

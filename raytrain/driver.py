@@ -78,9 +78,14 @@ def build_trainer(
             ),
             failure_config=ray.train.FailureConfig(
                 max_failures=cfg.run.max_failures,
-                # The controller's own retries are unlimited by default: a request that can
-                # never be placed would retry forever.
-                controller_failure_limit=1,
+                # The controller's own retries (a worker group that did not start) are unlimited
+                # by default: a request that can never be placed would retry forever. An elastic
+                # run may need one per lost node: Ray Train first asks for the old size while
+                # the cluster still counts the dead node (about 15 s), waits out the start
+                # timeout (60 s), and then sizes the group to the nodes left.
+                controller_failure_limit=1
+                if plan.min_workers is None
+                else max(1, cfg.run.max_failures),
             ),
             logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
         ),
@@ -183,7 +188,13 @@ def run(
     if datasets.ingest == "stream":
         check_streamed_batch(cfg, plan)
     fit_started = time.time()
-    result = train(cfg, plan, datasets, run_dir, console, fail_at)
+    try:
+        result = train(cfg, plan, datasets, run_dir, console, fail_at)
+    except ray.train.TrainingFailedError as e:
+        # For main's failure report, asked while Ray is still connected.
+        e.lost_nodes = outcome.lost_nodes(runs.read_metrics(run_dir))
+        e.workers_that_fit = outcome.workers_that_fit(cfg, plan) if e.lost_nodes else None
+        raise
     fit_ended, trained = time.time(), time.perf_counter()
     rows = runs.read_metrics(run_dir)
     outcome.stop_if_not_finite(rows)

@@ -121,21 +121,28 @@ def failure_report(error: BaseException, cfg: Config, run_dir: Location, program
         # The worker that died first, then the ones that lost their connection to it.
         who = "; ".join(sorted(described, key=lambda text: " died: " not in text))
     else:
-        who = first_line(getattr(error, "controller_failure", error))
-    left = what_is_left(run_dir, program)
+        who = _sentence(first_line(getattr(error, "controller_failure", error)))
+    lost = getattr(error, "lost_nodes", None)
+    if lost:
+        who = f"Lost node(s): {', '.join(lost)}. {who}"
+    fit = getattr(error, "workers_that_fit", None)
+    fewer = ["--workers", str(fit)] if lost and fit and fit < cfg.scaling.workers else []
+    left = what_is_left(run_dir, program, fewer)
     return (
-        f"raytrain: training failed in epoch {done + 1} after {cfg.run.max_failures} "
-        f"restart(s) allowed by run.max_failures. {who}. {left}"
+        f"raytrain: training failed in epoch {done + 1} (run.max_failures allows "
+        f"{cfg.run.max_failures} restart(s)). {who}. {left}"
     )
 
 
-def what_is_left(run_dir: Location, program: str) -> str:
-    """The last good checkpoint of a run that stopped, and the command that continues it."""
+def what_is_left(run_dir: Location, program: str, more: Sequence[str] = ()) -> str:
+    """The last good checkpoint of a run that stopped, and the command that continues it (with
+    ``more`` arguments: fewer workers on the nodes left)."""
     latest = runs.latest_checkpoint(run_dir)
     if latest is None or not latest.exists():
         return "No checkpoint was written."
-    resume = runs.resume_command(run_dir, program)
-    return f"The last good checkpoint is {runs.display(latest)}; continue: {resume}"
+    resume = runs.resume_command(run_dir, program, more)
+    where = " on the nodes left" if more else ""
+    return f"The last good checkpoint is {runs.display(latest)}; continue{where}: {resume}"
 
 
 def train(args: argparse.Namespace, program: str = PROG) -> int:
@@ -209,7 +216,15 @@ def _describe_failure(rank: int, error: BaseException) -> str:
         return f"worker rank {rank} died: {died.group(1)}{how}"
     # gloo prefixes its messages with a source path that means nothing to a user.
     message = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
-    return f"worker rank {rank} failed: {type(error).__name__}: {message[:160]}"
+    return f"worker rank {rank} failed: {type(error).__name__}: {_sentence(message)}"
+
+
+def _sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of ``text``, cut at a word if it is longer than ``limit``."""
+    first = re.split(r"(?<=\.)\s+(?=[A-Z(])", text, maxsplit=1)[0].rstrip(". ")
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 if __name__ == "__main__":

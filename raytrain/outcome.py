@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import warnings
 from typing import Any
 
 import ray
 import ray.train
 
 from raytrain import runs
-from raytrain.cluster import Plan
+from raytrain.cluster import DATA_CPUS, Plan
 from raytrain.config import Config
 from raytrain.data.datasets import Datasets
 from raytrain.data.scaling import Scaling
@@ -99,11 +100,16 @@ def validate(cfg: Config, datasets: Datasets, checkpoint_dir: str) -> dict[str, 
         (scale(b[FEATURES]), b[LABEL])
         for b in datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0)
     )
-    validation = evaluate(model, batches, datasets.classes)
+    with warnings.catch_warnings():
+        # Ray Data hands read-only Arrow buffers to torch.as_tensor, which warns about it; the
+        # batches are only read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        validation = evaluate(model, batches, datasets.classes)
     validation["validated_by"] = {
         "pid": os.getpid(),
         "hostname": socket.gethostname(),
         "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),  # host names may repeat across machines
     }
     return validation
 
@@ -155,6 +161,24 @@ def placement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {"rank": w["rank"], "node_id": w["node_id"], "node_ip": w.get("node_ip")}
         for w in sorted(rows[-1]["workers"], key=lambda w: w["rank"])
     ]
+
+
+def workers_that_fit(cfg: Config, plan: Plan) -> int:
+    """How many workers the cluster's live CPUs hold now (after a node was lost)."""
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if cfg.data.path is not None:
+        cpus -= DATA_CPUS
+    return max(0, int(cpus // plan.cpus_per_worker))
+
+
+def lost_nodes(rows: list[dict[str, Any]]) -> list[str]:
+    """The nodes the last epoch's workers ran on that the cluster no longer has alive, as
+    'IP (node id)'; asked of Ray while the driver is still connected."""
+    if not rows:
+        return []
+    alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    used = {(w["node_id"], w.get("node_ip")) for w in rows[-1]["workers"]}
+    return sorted(f"{ip} ({node[:8]})" for node, ip in used if node not in alive)
 
 
 def phases(

@@ -32,7 +32,7 @@ import secrets
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +208,11 @@ def latest_checkpoint(run_dir: RunPath) -> Location | None:
     return run_dir / latest["checkpoint_dir_name"]
 
 
-def resume_command(run_dir: Location, program: str = "python -m raytrain.main") -> str:
-    """The command that continues this run."""
-    args = ["--resume", run_dir.name, "--storage-path", str(run_dir.parent)]
+def resume_command(
+    run_dir: Location, program: str = "python -m raytrain.main", more: Sequence[str] = ()
+) -> str:
+    """The command that continues this run (``more``: further arguments)."""
+    args = ["--resume", run_dir.name, "--storage-path", str(run_dir.parent), *more]
     return f"{program} {shlex.join(args)}"
 
 

@@ -10,6 +10,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,29 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raytrain: error: "), proc.stderr
     return lines[0]
+
+
+def submit_job(dashboard_url: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``ray job submit`` of ``python -m raytrain.main ARGS`` with this checkout as working dir."""
+    submit = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        f"--address={dashboard_url}",
+        f"--working-dir={ROOT}",
+        "--",
+        "python",
+        "-m",
+        "raytrain.main",
+        *args,
+    ]
+    for _ in range(10):
+        proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
+        # Ray's own answer while the head's job agent is still starting: "try again later".
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
+    return proc
 
 
 @pytest.fixture(scope="session")

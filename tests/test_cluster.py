@@ -14,12 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, one_error_line
+from .conftest import ROOT, one_error_line, submit_job
 
 pytestmark = pytest.mark.ray
 VENV_BIN = str(Path(sys.executable).parent)
@@ -169,32 +168,10 @@ def test_spread_workers_over_nodes_and_validate_on_the_driver(ray_cluster, tmp_p
 
 
 def test_submit_as_a_ray_job(ray_cluster, tmp_path):
-    submit = [
-        f"{VENV_BIN}/ray",
-        "job",
-        "submit",
-        f"--address=http://127.0.0.1:{ray_cluster.dashboard_port}",
-        f"--working-dir={ROOT}",
-        "--",
-        "python",
-        "-m",
-        "raytrain.main",
-        "--workers",
-        "2",
-        "--epochs",
-        "2",
-        "--storage-path",
-        str(tmp_path),
-    ]
-    for _ in range(10):
-        proc = subprocess.run(
-            submit, capture_output=True, text=True, env=ray_cluster.env, timeout=300
-        )
-        out = proc.stdout + proc.stderr
-        # Ray's own answer while the head's job agent is still starting: "try again later".
-        if "No available agent to submit job" not in out:
-            break
-        time.sleep(5)
+    dashboard = f"http://127.0.0.1:{ray_cluster.dashboard_port}"
+    args = ("--workers", "2", "--epochs", "2", "--storage-path", str(tmp_path))
+    proc = submit_job(dashboard, ray_cluster.env, *args)
+    out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "succeeded" in out and "validation  acc" in out, out
     (run_dir,) = tmp_path.iterdir()

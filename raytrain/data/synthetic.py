@@ -61,16 +61,16 @@ def make_synthetic(cfg: DataConfig) -> Split:
     return Split(x[train], y[train], x[val], y[val])
 
 
-def write_block(index: int, rows: int, out: Location, cfg: DataConfig) -> tuple[str, int]:
+def write_block(index: int, rows: int, out: str | Location, cfg: DataConfig) -> tuple[str, int]:
     """Write block ``index`` as ``out/part-NNNNN.parquet``; returns its path and row count."""
     import pyarrow.parquet as pq
 
     from raytrain.data.tables import xy_table
 
     x, y, _ = draw(rows, cfg, index)
-    path = out / f"part-{index:05d}.parquet"
+    path = Location.of(out) / f"part-{index:05d}.parquet"
     table = xy_table(x.numpy(), y.numpy())
-    pq.write_table(table, path.path, filesystem=out.fs, row_group_size=min(rows, 131072))
+    pq.write_table(table, path.path, filesystem=path.fs, row_group_size=min(rows, 131072))
     return str(path), rows
 
 

@@ -72,7 +72,11 @@ class Console:
             if self._started:
                 done = start["from_epoch"]
                 where = f"the checkpoint of epoch {done}" if done else "the start"
-                again = f"; epochs {done + 1}-{self._shown} are trained again"
+                again = (
+                    f"; epoch {self._shown} is trained again"
+                    if done + 1 == self._shown
+                    else f"; epochs {done + 1}-{self._shown} are trained again"
+                )
                 self.line(
                     f"restart: the worker group restarted from {where}"
                     + (again if done < self._shown else "")
