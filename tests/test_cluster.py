@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from . import hosts
 from .conftest import ROOT, one_error_line, submit_job
 
 pytestmark = pytest.mark.ray
@@ -141,6 +142,14 @@ def raytrain(cluster: RayCluster, *args: str, env: dict | None = None, timeout: 
     )
 
 
+# Where hosts of their own can be built, tests/test_hosts.py trains across them as a Ray Job on
+# object storage: the two trainings below would prove nothing more, and cost two minutes.
+covered_by_hosts = pytest.mark.skipif(
+    hosts.unavailable() is None, reason="covered by tests/test_hosts.py on hosts of their own"
+)
+
+
+@covered_by_hosts
 def test_spread_workers_over_nodes_and_validate_on_the_driver(ray_cluster, tmp_path):
     proc = raytrain(
         ray_cluster,
@@ -167,6 +176,7 @@ def test_spread_workers_over_nodes_and_validate_on_the_driver(ray_cluster, tmp_p
     assert results["validation"]["rows"] == 200
 
 
+@covered_by_hosts
 def test_submit_as_a_ray_job(ray_cluster, tmp_path):
     dashboard = f"http://127.0.0.1:{ray_cluster.dashboard_port}"
     args = ("--workers", "2", "--epochs", "2", "--storage-path", str(tmp_path))
