@@ -217,10 +217,25 @@ _NODE_DEAD = re.compile(
 )
 
 
+def route_cluster_message(line: str) -> tuple[str, str]:
+    """Where a message Ray publishes to the driver goes without --verbose: ``("console", ...)``
+    as Ray wrote it, ``("lost", one line of raytrain's)`` for a lost node, or ``("log", ...)``
+    for Ray's warnings (such as "WARNING: 8 PYTHON worker processes have been started ..."),
+    which are about Ray's own housekeeping, not the run."""
+    dead = _NODE_DEAD.search(line)
+    if dead:
+        why = dead["why"]
+        return "lost", f"   lost  node {dead['ip']} ({dead['id'][:8]}): Ray marked it dead ({why})"
+    if line.lstrip().startswith("WARNING"):
+        return "log", line
+    return "console", line
+
+
 def _relay_cluster_errors() -> None:
     """Ray prints the cluster's error messages on the driver's console whatever the log level
-    (ray._private.worker.listen_error_messages), a lost node as a coloured paragraph. Without
-    --verbose, a lost node becomes one line of raytrain's; other messages pass unchanged."""
+    (ray._private.worker.listen_error_messages): a lost node as a coloured paragraph, warnings
+    about its worker processes. Without --verbose they go where route_cluster_message says; the
+    log is ``raytrain_cluster_messages.log`` in the Ray session's log directory."""
     import ray._private.worker as ray_worker
 
     original = getattr(ray_worker, "print_to_stdstream", None)
@@ -228,22 +243,32 @@ def _relay_cluster_errors() -> None:
         return  # another Ray version, or done already
 
     def relay(data: dict, ignore_prefix: bool) -> None:
-        rest = []
+        if data.get("pid") != "raylet":
+            original(data, ignore_prefix)
+            return
+        console = []
         for line in data.get("lines", []):
-            dead = _NODE_DEAD.search(line) if data.get("pid") == "raylet" else None
-            if dead:
-                print(
-                    f"   lost  node {dead['ip']} ({dead['id'][:8]}): Ray marked it dead "
-                    f"({dead['why']})",
-                    flush=True,
-                )
+            where, text = route_cluster_message(line)
+            if where == "lost":
+                print(text, flush=True)
+            elif where == "log":
+                _log_cluster_message(ray_worker, text)
             else:
-                rest.append(line)
-        if rest:
-            original({**data, "lines": rest}, ignore_prefix)
+                console.append(text)
+        if console:
+            original({**data, "lines": console}, ignore_prefix)
 
     relay.raytrain_relay = True
     ray_worker.print_to_stdstream = relay
+
+
+def _log_cluster_message(ray_worker, text: str) -> None:
+    try:
+        logs = ray_worker._global_node.get_logs_dir_path()
+        with open(os.path.join(logs, "raytrain_cluster_messages.log"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+    except (AttributeError, OSError):
+        pass  # no session to log into (shutting down): the message is Ray's housekeeping
 
 
 def probe(address: str) -> None:

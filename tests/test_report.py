@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raytrain import runs
+from raytrain import cluster, runs
 from raytrain.config import Config
 from raytrain.outcome import phases
 from raytrain.report.console import Console
@@ -511,3 +511,33 @@ def test_a_real_runs_report_shows_every_phase(train):
     assert cells(page, "Where the time went")[0::3] == list(runs.PHASES.values())
     assert set(trained.results["phases"]) == set(runs.PHASES)
     assert png_size((trained.run_dir / runs.REPORT_PNG).read_bytes()) == (1400, 900)
+
+
+@pytest.mark.parametrize(
+    ("message", "where", "text"),
+    [
+        (
+            "The node with node id: 36663ed82765da69ea58f4ef2c65a05712b89ea97c95eafc339c0f42 and "
+            "address: 10.185.203.3 and node name: 10.185.203.3 has been marked dead because the "
+            "detector has missed too many heartbeats from it. This can happen when a \t(1) raylet "
+            "crashes unexpectedly (OOM, etc.)",
+            "lost",
+            "   lost  node 10.185.203.3 (36663ed8): Ray marked it dead (the detector has missed "
+            "too many heartbeats from it)",
+        ),
+        (
+            "WARNING: 8 PYTHON worker processes have been started on node: 1f2e with address: "
+            "192.0.2.2. This could be a result of using a large number of actors, or due to "
+            "tasks blocked in ray.get() calls (see https://github.com/ray-project/ray/issues/3644 "
+            "for some discussion of workarounds).",
+            "log",
+            None,
+        ),
+        ("Task was killed due to the node running low on memory.", "console", None),
+    ],
+)
+def test_ray_cluster_messages_are_routed_without_verbose(message, where, text):
+    """The messages Ray publishes to every driver: a lost node becomes one line, Ray's
+    housekeeping warnings go to a log, anything else reaches the console as Ray wrote it."""
+    routed = cluster.route_cluster_message(message)
+    assert routed == (where, text if text is not None else message)
