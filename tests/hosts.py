@@ -22,12 +22,16 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from .conftest import ROOT
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -97,6 +101,7 @@ class Hosts:
         self._veths: list[str] = []
         self._netns: list[str] = []
         self._holders: list[subprocess.Popen] = []  # one per host: keeps its mount namespace
+        self._mount_points: list[str] = []  # empty directories under /var/tmp, removed at close
         self._ray: dict[int, subprocess.Popen] = {}  # host index -> its `ray start --block`
         self._created_bridge = False
         self.node_ids: list[str | None] = [None] * count
@@ -135,7 +140,24 @@ class Hosts:
             self._holders.append(self._hold_mounts(ns))
 
     def _hold_mounts(self, ns: str) -> subprocess.Popen:
-        """A process in ``ns`` with a mount namespace of its own whose /tmp is a fresh tmpfs."""
+        """A process in ``ns`` with a mount namespace of its own whose /tmp is a fresh tmpfs.
+
+        The code is shared, as a machine image would be: a checkout or virtualenv that lives
+        under /tmp (a CI clone) is bound back into the fresh /tmp at the same path, through a
+        mount point outside /tmp that only this namespace uses."""
+        under_tmp = {p for p in (ROOT, Path(sys.prefix).resolve()) if Path("/tmp") in p.parents}
+        keep = sorted(str(p) for p in under_tmp if not any(q in p.parents for q in under_tmp))
+        hold = tempfile.mkdtemp(prefix=f"{ns}-", dir="/var/tmp")
+        self._mount_points.append(hold)
+        rebind = "".join(
+            f" && mkdir -p {shlex.quote(p)} && mount --bind {hold}/{shlex.quote(p[5:])} "
+            f"{shlex.quote(p)}"
+            for p in keep
+        )
+        script = (
+            f"mount --bind /tmp {hold} && mount -t tmpfs tmpfs /tmp{rebind} && umount -l {hold} "
+            "&& exec sleep infinity"
+        )
         holder = subprocess.Popen(
             [
                 "ip",
@@ -148,7 +170,7 @@ class Hosts:
                 "private",
                 "sh",
                 "-c",
-                "mount -t tmpfs tmpfs /tmp && exec sleep infinity",
+                script,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -403,7 +425,11 @@ class Hosts:
                 _ip("link", "del", self.bridge)
             except HostsError as e:
                 problems.append(str(e))
+        for mount_point in self._mount_points:
+            with contextlib.suppress(OSError):
+                os.rmdir(mount_point)  # empty: its bind mount went with the namespace
         self._netns, self._veths, self._holders, self._created_bridge = [], [], [], False
+        self._mount_points = []
         if problems:
             raise HostsError("; ".join(problems))
 
