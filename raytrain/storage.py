@@ -100,6 +100,12 @@ class Location:
         assert self.local, self
         return Path(self.path)
 
+    def __fspath__(self) -> str:
+        """A local location is a path (``Path(location)``, ``open(location)``); a URI is not."""
+        if not self.local:
+            raise TypeError(f"{self} is on object storage, not a local path")
+        return self.path
+
     # ---- what is there --------------------------------------------------------------------------
 
     def _info(self) -> pafs.FileInfo:

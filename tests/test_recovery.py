@@ -214,7 +214,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_its_epochs_row(ray_session, t
     cfg = config.load(overrides=overrides, flags={"run.storage_path": str(tmp_path)})
     run_dir = runs.claim(cfg)
     runs.save_config(run_dir, cfg)
-    (run_dir / runs.checkpoint_name(2)).write_text("in the way")
+    (run_dir.as_path() / runs.checkpoint_name(2)).write_text("in the way")
     plan = cluster.plan_embedded(cfg, 2)
     with pytest.raises(ray.train.TrainingFailedError):
         driver.run(cfg, plan, run_dir, Console(io.StringIO()), report=False)
