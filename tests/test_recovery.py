@@ -336,7 +336,7 @@ def finished_run(train):
 def test_bad_checkpoint_is_refused_with_the_path(damage, finished_run, tmp_path, capsys):
     run_dir = tmp_path / finished_run.run_dir.name
     shutil.copytree(finished_run.run_dir, run_dir)
-    latest = runs.latest_checkpoint(run_dir)
+    latest = Path(runs.latest_checkpoint(run_dir))
     damage(latest)
     before = sorted(p.name for p in run_dir.rglob("*"))
 
