@@ -23,7 +23,6 @@ from pathlib import Path
 
 from raytrain.config import Config
 from raytrain.errors import UserError, first_line
-from raytrain.runs import storage_dir
 from raytrain.storage import Location
 
 # How often Ray Train's controller polls the workers: how soon it sees a checkpoint report, a dead
@@ -418,7 +417,7 @@ def connect(cfg: Config) -> Iterator[Plan]:
             raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
         try:
             plan = plan_cluster(cfg, address, ray.cluster_resources(), ray.nodes())
-            check_storage_visible(storage_dir(cfg.run.storage_path))
+            check_storage_visible(Location.of(cfg.run.storage_path))
         except BaseException:
             ray.shutdown()  # whatever went wrong, nothing of this run stays connected
             raise

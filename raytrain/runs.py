@@ -69,12 +69,6 @@ class RunDirError(UserError):
 RunPath = str | os.PathLike | Location
 
 
-def storage_dir(storage_path: RunPath) -> Location:
-    """The storage location: an absolute local directory (workers chdir elsewhere, so relative
-    paths would break) or an object-store URI (raytrain.storage)."""
-    return Location.of(storage_path)
-
-
 def display(path: RunPath) -> str:
     """A path to show: relative to the working directory when under it (shorter to read); a URI
     as it is."""
@@ -104,7 +98,7 @@ def fault_marker(run_dir: RunPath, rank: int, epoch: int) -> Location:
 
 def claim(cfg: Config) -> Location:
     """Create a new run's directory; an existing run is never reused silently."""
-    storage = storage_dir(cfg.run.storage_path)
+    storage = Location.of(cfg.run.storage_path)
     name = cfg.run.name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     if storage.local:
         _check_local_storage(storage.as_path())
@@ -174,7 +168,7 @@ def discard_if_unused(run_dir: Location) -> None:
 
 def locate(resume: str, storage_path: RunPath) -> Location:
     """The run directory to resume: a run name under the storage path, or a path to one."""
-    storage = storage_dir(storage_path)
+    storage = Location.of(storage_path)
     candidates = [storage / resume, Location.of(resume)]
     for run_dir in candidates:
         if (run_dir / CONFIG_FILE).is_file():
@@ -217,11 +211,6 @@ def resume_command(
 
 
 # ---- files written whole: config, results, report ------------------------------------------------
-
-
-def write_atomically(path: RunPath, data: bytes) -> None:
-    """Write a file so that a reader sees the old content or the new, never half of it."""
-    Location.of(path).write_bytes(data)
 
 
 def write_results(run_dir: Location, results: dict[str, Any]) -> Location:

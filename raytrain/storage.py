@@ -59,7 +59,7 @@ class Location:
         secret = _SECRET_PARAMETERS & {key for key, _ in parse_qsl(parts.query)}
         if "@" in parts.netloc or secret:
             raise StorageError(
-                f"storage URI {redact(text)!r} carries credentials; they would be written to "
+                f"URI {redact(text)!r} carries credentials; they would be written to "
                 "config.json: take them out and use the AWS environment (AWS_ACCESS_KEY_ID, "
                 "AWS_SECRET_ACCESS_KEY) or ~/.aws/credentials"
             )
@@ -67,8 +67,8 @@ class Location:
             fs, path = pafs.FileSystem.from_uri(text)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
             raise StorageError(
-                f"storage URI {text!r} is not one pyarrow can open ({first_line(e)}); use a "
-                "local directory, s3://bucket/prefix or gs://bucket/prefix"
+                f"URI {text!r} is not one pyarrow can open ({first_line(e)}); use a local "
+                "path, s3://bucket/prefix or gs://bucket/prefix"
             ) from None
         return cls(fs, path.rstrip("/"), parts.scheme, parts.query)
 

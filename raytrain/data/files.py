@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from raytrain.data import csvfiles
 from raytrain.data.tables import xy_table
 from raytrain.errors import UserError
+from raytrain.storage import Location, StorageError
 
 _BUCKETS = 1_000_000  # resolution of the hashed validation split
 
@@ -50,13 +51,11 @@ class Source:
 
 def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source:
     """List the Parquet files at ``path`` and check their columns and types (footers only)."""
-    if "://" in path:
-        try:
-            fs, root = pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            raise DataError(f"data path {path!r} is not a URI pyarrow can open: {e}") from None
-    else:
-        fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    try:
+        where = Location.of(path)  # a local path made absolute, or a URI
+    except StorageError as e:
+        raise DataError(f"data path {path!r}: {e}") from None
+    fs, root = where.fs, where.path
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"data path {path!r} does not exist")

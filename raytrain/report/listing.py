@@ -86,7 +86,7 @@ def _started(run_dir: Location, rows: list[dict[str, Any]]) -> float:
 
 def list_runs(storage_path: str | Path) -> list[RunSummary]:
     """The runs under a storage path (a directory or URI), newest first."""
-    storage = runs.storage_dir(str(storage_path))
+    storage = Location.of(storage_path)
     try:
         kind = "a directory" if storage.is_dir() else "a file" if storage.exists() else None
         children = storage.children() if kind == "a directory" else []
@@ -133,7 +133,7 @@ def print_runs(storage_path: str | Path, out: TextIO | None = None) -> None:
     """Print the run list: a rich table on a terminal, aligned plain text anywhere else."""
     out = out if out is not None else sys.stdout
     summaries = list_runs(storage_path)
-    where = runs.storage_dir(str(storage_path))
+    where = Location.of(storage_path)
     if not summaries:
         print(f"no runs in {where}", file=out)
         return
