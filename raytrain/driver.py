@@ -51,9 +51,12 @@ def build_trainer(
         blocks=datasets.blocks,
         val_blocks=datasets.val_blocks,
         scaling=datasets.scaling,
+        train_pieces=datasets.train_pieces,
+        val_pieces=datasets.val_pieces,
     )
     metric = cfg.run.checkpoint_metric
-    streamed = datasets.ingest == "stream"
+    # Streamed CSV: Ray Train shards the Ray Datasets. Parquet's workers read their row groups.
+    streamed = datasets.ingest == "stream" and datasets.train is not None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
@@ -89,9 +92,10 @@ def build_trainer(
             ),
             logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
         ),
-        # In memory, every worker fetches the splits' blocks once (LoopArgs) and trains on its
-        # own rows of each global batch (raytrain.train.loop); streamed, Ray Train hands each
-        # worker an equal shard of the training Dataset and a share of the validation one.
+        # In memory, every worker fetches the splits' blocks (or reads the row groups) once
+        # (LoopArgs) and trains on its own rows of each global batch (raytrain.train.loop);
+        # streamed CSV: Ray Train hands each worker an equal shard of the training Dataset and
+        # a share of the validation one.
         datasets={"train": datasets.train, "val": datasets.val} if streamed else None,
         dataset_config=IngestConfig() if streamed else None,
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 
 from raytrain import runs
 from raytrain.cluster import DATA_CPUS, Plan
@@ -96,10 +97,21 @@ def validate(cfg: Config, datasets: Datasets, checkpoint_dir: str) -> dict[str, 
     """A checkpoint's validation on all held-out rows, on the driver, with its feature scaling."""
     model, scaling, _ = load_model(cfg, datasets, checkpoint_dir)
     scale = scaling.apply if scaling is not None else (lambda x: x)
-    batches = (
-        (scale(b[FEATURES]), b[LABEL])
-        for b in datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0)
-    )
+    if datasets.val_pieces is not None:  # Parquet: its row groups, read here one by one
+        pieces = datasets.val_pieces
+        batches = (
+            (
+                scale(torch.from_numpy(x[i : i + _VAL_BATCH])),
+                torch.from_numpy(y[i : i + _VAL_BATCH]),
+            )
+            for x, y in pieces.read(pieces.pieces)
+            for i in range(0, len(y), _VAL_BATCH)
+        )
+    else:
+        batches = (
+            (scale(b[FEATURES]), b[LABEL])
+            for b in datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0)
+        )
     with warnings.catch_warnings():
         # Ray Data hands read-only Arrow buffers to torch.as_tensor, which warns about it; the
         # batches are only read here.

@@ -1,19 +1,29 @@
-"""Data at scale: does the driver's memory stay flat as the data grows; how fast do workers ingest?
+"""Data at scale: raytrain's data path side by side with a plain single-thread loop over the same
+Parquet files, and the driver's memory as the data grows.
 
-For each size it generates the synthetic data set as Parquet (raytrain data generate),
-then trains one epoch with 2 workers, streaming (python -m raytrain.main ... --set
-data.ingest=stream). It records the driver's peak RSS, sampled every 0.1 s, and its two parts: the
-driver's own memory (anonymous + file-backed pages) and the object store's shared memory that Ray
-maps into the driver while it reads validation blocks (owned by the store, bounded by its size).
-From the run's results: each worker's ingest throughput (rows/s; the model is the tutorial's tiny
-linear one and the batch is large, so the epoch is bound by ingest, not compute), the epoch time
-and the phases.
+For each size it generates the synthetic data set as Parquet (raytrain data generate, 10 features),
+then, in each repetition, one after the other:
 
-    python scripts/bench_data.py                       # 10^5, 10^6, 10^7 rows
-    python scripts/bench_data.py --sizes 1e5 1e6 1e7 1e8 --work-dir /big/disk
+- plain train: one plain process, no Ray, one thread: pyarrow.dataset batches -> torch.from_numpy
+  -> a Linear(10, 2) SGD step, one epoch (scripts/baselines/plain_parquet.py);
+- plain scan: the same batches turned into arrays, no model: the cost of reading the data once;
+- raytrain stream: python -m raytrain.main, 2 workers, one epoch, the same global batch,
+  data.ingest=stream;
+- raytrain memory (sizes up to --memory-max): the same with data.ingest=memory;
+- tutorial (once per repetition): raytrain's default run with 2 workers, whose first step is the
+  start-up floor the data runs are compared with.
 
-Prints a table and writes docs/benchmarks/data.json, which docs/performance.md quotes. Generated
-data is kept in --work-dir and reused.
+From each raytrain run: its epoch time, the up-front data check (the data_preparation phase), the
+workers' validation of the held-out rows (val_time_s, the slowest worker), the driver's final
+validation, the copy into the workers (worker_data_copy, memory ingest), the time from launch to
+the first training step, and the driver's peak RSS (sampled every 0.1 s; also its own part,
+anonymous + file-backed pages, apart from shared memory Ray maps into it).
+
+    python scripts/bench_data.py                                  # 10^5, 10^6, 10^7 rows, 3 reps
+    python scripts/bench_data.py --sizes 1e8 --reps 1 --work-dir /big/disk
+
+Prints a table of medians (and every repetition's ratios) and writes docs/benchmarks/data.json
+(or --out), which docs/performance.md quotes. Generated data is kept in --work-dir and reused.
 """
 
 from __future__ import annotations
@@ -54,6 +64,45 @@ def _status_kb(pid: int) -> dict[str, int]:
     return found
 
 
+def plain(data_dir: Path, batch: int, mode: str) -> dict:
+    """The plain single-thread loop (or scan) over the files: its BENCH line, and its launch."""
+    launched = time.time()
+    out = run(
+        [sys.executable, "scripts/baselines/plain_parquet.py", str(data_dir), str(batch), mode]
+    )
+    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
+    found = json.loads(line[len("BENCH ") :])
+    if found["first_step_at"] is not None:
+        found["first_step_s"] = found["first_step_at"] - launched
+    return found
+
+
+def raytrain_run(storage: Path, name: str, *flags: str) -> dict:
+    """One raytrain run of one epoch with 2 workers: its figures from results and metrics."""
+    cmd = [sys.executable, "-m", "raytrain.main", "--workers", "2", "--epochs", "1"]
+    cmd += [*flags, "--no-report", "--storage-path", str(storage), "--name", name]
+    launched = time.time()
+    memory = run_sampled(cmd)
+    wall = time.time() - launched
+    results = json.loads((storage / name / "results.json").read_text())
+    epoch = read_metrics(storage / name)[-1]
+    phases = results["phases"]
+    return {
+        "wall_s": wall,
+        "first_step_s": min(w["started_at"] for w in epoch["workers"]) - launched,
+        "epoch_s": epoch["epoch_time_s"],
+        "rows": epoch["rows"],
+        "data_check_s": phases["data_preparation"],
+        "worker_data_copy_s": phases.get("worker_data_copy"),
+        "workers_validation_s": epoch.get("val_time_s"),
+        "val_rows": epoch.get("val_rows"),
+        "driver_validation_s": phases["validation"],
+        "driver_peak_rss_mb": results["driver_peak_rss_mb"],
+        "driver_peak_own_mb": memory["own"],
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
+    }
+
+
 def run_sampled(cmd: list[str]) -> dict[str, float]:
     """Run the driver, sampling its memory every 0.1 s: peak RSS, and the peak of the part that is
     its own (anonymous + file-backed) apart from the object store's shared memory, which Ray maps
@@ -82,120 +131,174 @@ def run_sampled(cmd: list[str]) -> dict[str, float]:
     return peak
 
 
+def generate(data_dir: Path, rows: int) -> float | None:
+    if any(data_dir.glob("*.parquet")):
+        return None
+    started = time.perf_counter()
+    run(
+        [
+            sys.executable,
+            "-m",
+            "raytrain",
+            "data",
+            "generate",
+            "--rows",
+            str(rows),
+            "--out",
+            str(data_dir),
+        ]
+    )
+    return time.perf_counter() - started
+
+
+def med(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e5, 1e6, 1e7])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--memory-max", type=float, default=1e7, help="largest size run in memory")
     parser.add_argument("--work-dir", default="/tmp/raytrain-bench-data")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "data.json"))
-    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
     work = Path(args.work_dir)
-    rows_out = []
-    for size in args.sizes:
-        rows = int(size)
-        data_dir = work / f"rows-{rows}"
-        if not any(data_dir.glob("*.parquet")):
-            started = time.perf_counter()
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "raytrain",
-                    "data",
-                    "generate",
-                    "--rows",
-                    str(rows),
-                    "--out",
-                    str(data_dir),
-                ]
+    storage = work / "runs"
+    sizes = [int(size) for size in args.sizes]
+    generated = {rows: generate(work / f"rows-{rows}", rows) for rows in sizes}
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.reps):
+        stamp = f"{int(time.time())}-{rep}"
+        runs.setdefault("tutorial", []).append(raytrain_run(storage, f"tutorial-{stamp}"))
+        for rows in sizes:
+            data_dir = work / f"rows-{rows}"
+            batch = ["--batch-size", str(args.batch_size), "--set", f"data.path={data_dir}"]
+            runs.setdefault(f"{rows} plain train", []).append(
+                plain(data_dir, args.batch_size, "train")
             )
-            generated = time.perf_counter() - started
-        else:
-            generated = None
-        disk_mb = sum(f.stat().st_size for f in data_dir.glob("*.parquet")) / 1e6
-        storage = work / "runs"
-        name = f"bench-{rows}-{int(time.time())}"
-        started = time.perf_counter()
-        memory = run_sampled(
-            [
-                sys.executable,
-                "-m",
-                "raytrain.main",
-                "--workers",
-                "2",
-                "--epochs",
-                "1",
-                "--batch-size",
-                str(args.batch_size),
-                "--set",
-                f"data.path={data_dir}",
-                "--set",
-                "data.ingest=stream",
-                "--no-report",
-                "--storage-path",
-                str(storage),
-                "--name",
-                name,
-            ]
-        )
-        wall = time.perf_counter() - started
-        results = json.loads((storage / name / "results.json").read_text())
-        epoch = read_metrics(storage / name)[-1]
-        per_worker = [w["samples_per_s"] for w in epoch["workers"]]
-        rows_out.append(
+            runs.setdefault(f"{rows} plain scan", []).append(
+                plain(data_dir, args.batch_size, "scan")
+            )
+            runs.setdefault(f"{rows} stream", []).append(
+                raytrain_run(
+                    storage, f"stream-{rows}-{stamp}", *batch, "--set", "data.ingest=stream"
+                )
+            )
+            if rows <= args.memory_max:
+                runs.setdefault(f"{rows} memory", []).append(
+                    raytrain_run(
+                        storage, f"memory-{rows}-{stamp}", *batch, "--set", "data.ingest=memory"
+                    )
+                )
+            print(f"rep {rep + 1}/{args.reps}: {rows:,} rows done", file=sys.stderr)
+    tutorial_first = med(runs["tutorial"], "first_step_s")
+    table = []
+    for rows in sizes:
+        stream, memory = runs[f"{rows} stream"], runs.get(f"{rows} memory", [])
+        plain_train, plain_scan = runs[f"{rows} plain train"], runs[f"{rows} plain scan"]
+        epoch_ratios = [
+            s["epoch_s"] / p["epoch_s"][0] for s, p in zip(stream, plain_train, strict=True)
+        ]
+        check_ratios = [
+            s["data_check_s"] / p["epoch_s"][0] for s, p in zip(stream, plain_scan, strict=True)
+        ]
+        copy_ratios = [
+            m["worker_data_copy_s"] / p["epoch_s"][0]
+            for m, p in zip(memory, plain_scan, strict=True)
+        ]
+        table.append(
             {
                 "rows": rows,
-                "parquet_mb": round(disk_mb, 1),
-                "generate_s": round(generated, 1) if generated is not None else None,
-                "train_rows": epoch["rows"],
-                "driver_peak_rss_mb": round(results["driver_peak_rss_mb"], 1),
-                "driver_peak_own_mb": round(memory["own"], 1),
-                "driver_peak_object_store_mapped_mb": round(memory["shmem"], 1),
-                "ingest_rows_per_s_per_worker": round(statistics.median(per_worker)),
-                "epoch_s": round(epoch["epoch_time_s"], 2),
-                "wall_s": round(wall, 1),
-                "phases_s": {k: round(v, 2) for k, v in results["phases"].items()},
+                "parquet_mb": round(
+                    sum(f.stat().st_size for f in (work / f"rows-{rows}").glob("*.parquet")) / 1e6,
+                    1,
+                ),
+                "generate_s": generated[rows],
+                "plain_epoch_s": statistics.median(p["epoch_s"][0] for p in plain_train),
+                "plain_scan_s": statistics.median(p["epoch_s"][0] for p in plain_scan),
+                "stream_epoch_s": med(stream, "epoch_s"),
+                "epoch_ratio": statistics.median(epoch_ratios),
+                "epoch_ratios": epoch_ratios,
+                "data_check_s": med(stream, "data_check_s"),
+                "check_ratio": statistics.median(check_ratios),
+                "check_ratios": check_ratios,
+                "first_step_s": med(stream, "first_step_s"),
+                "first_step_over_tutorial_s": med(stream, "first_step_s") - tutorial_first,
+                "workers_validation_s": med(stream, "workers_validation_s"),
+                "val_rows": stream[0]["val_rows"],
+                "driver_validation_s": med(stream, "driver_validation_s"),
+                "memory_copy_s": med(memory, "worker_data_copy_s"),
+                "copy_ratio": statistics.median(copy_ratios) if copy_ratios else None,
+                "copy_ratios": copy_ratios,
+                "memory_epoch_s": med(memory, "epoch_s"),
+                "driver_peak_rss_mb": med(stream, "driver_peak_rss_mb"),
+                "driver_peak_own_mb": med(stream, "driver_peak_own_mb"),
             }
         )
-        print(f"done: {rows:,} rows", file=sys.stderr)
     header = (
         "rows",
-        "Parquet MB",
+        "plain epoch s",
+        "stream epoch s",
+        "x plain",
+        "plain scan s",
+        "data check s",
+        "x scan",
+        "first step s",
+        "vs tutorial s",
+        "workers' validation s",
+        "driver validation s",
+        "memory copy s",
+        "x scan",
         "driver peak RSS MB",
-        "of it own MB",
-        "object store mapped MB",
-        "ingest rows/s/worker",
-        "epoch s",
-        "wall s",
     )
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
-    for r in rows_out:
-        print(
-            f"{r['rows']:,} | {r['parquet_mb']:,.1f} | {r['driver_peak_rss_mb']:,.0f} | "
-            f"{r['driver_peak_own_mb']:,.0f} | {r['driver_peak_object_store_mapped_mb']:,.0f} | "
-            f"{r['ingest_rows_per_s_per_worker']:,} | {r['epoch_s']} | {r['wall_s']}"
-        )
-    growth = {
-        key: max(r[key] for r in rows_out) / rows_out[0][key] - 1
-        for key in ("driver_peak_rss_mb", "driver_peak_own_mb")
-    }
-    rss, own = growth["driver_peak_rss_mb"], growth["driver_peak_own_mb"]
-    print(f"smallest to largest size: driver peak RSS {rss:+.0%}, its own memory {own:+.0%}")
+    for r in table:
+        cells = [
+            f"{r['rows']:,}",
+            _f(r["plain_epoch_s"]),
+            _f(r["stream_epoch_s"]),
+            _f(r["epoch_ratio"], "x"),
+            _f(r["plain_scan_s"]),
+            _f(r["data_check_s"]),
+            _f(r["check_ratio"], "x"),
+            _f(r["first_step_s"], "", 1),
+            _f(r["first_step_over_tutorial_s"], "", 1, sign=True),
+            _f(r["workers_validation_s"]),
+            _f(r["driver_validation_s"]),
+            _f(r["memory_copy_s"]),
+            _f(r["copy_ratio"], "x"),
+            _f(r["driver_peak_rss_mb"], "", 0),
+        ]
+        print(" | ".join(cells))
+    print(f"tutorial (2 workers) first step: {tutorial_first:.1f} s")
+    for r in table:
+        each = ", ".join(f"{x:.2f}" for x in r["epoch_ratios"])
+        print(f"{r['rows']:,} rows: stream epoch / plain epoch in each repetition: {each}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} cores",
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python", *sys.argv]),
         "workers": 2,
         "batch_size": args.batch_size,
-        "sizes": rows_out,
-        "driver_rss_growth": growth["driver_peak_rss_mb"],
-        "driver_own_growth": growth["driver_peak_own_mb"],
+        "reps": args.reps,
+        "tutorial_first_step_s": tutorial_first,
+        "sizes": table,
+        "runs": runs,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def _f(value, unit: str = "", digits: int = 2, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:{'+' if sign else ''}.{digits}f}{unit}"
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def test_separate_validation_path(ray_session, parquet_7x3, tmp_path):
     pq.write_table(table.slice(0, 1000), val_dir / "v.parquet")
     sets = build_datasets(DataConfig(path=str(parquet_7x3), val_path=str(val_dir)), 2)
     assert (sets.train_rows, sets.val_rows, sets.features, sets.classes) == (6000, 1000, 7, 3)
-    assert sets.val.count() == 1000 and sets.train.count() == 6000
+    # Parquet is read by the workers, row group by row group: all of the separate files' rows.
+    assert sets.val_pieces.total_rows == 1000 and sets.train_pieces.total_rows == 6000
+    assert sets.val_pieces.keep == sets.train_pieces.keep == "all"
 
 
 # ---- bad data ------------------------------------------------------------------------------------

@@ -1,6 +1,12 @@
 """The pass over a user's rows before training (raytrain.data.files finds the files and checks
 their schemas): per-file statistics computed where the data is, in parallel, a few numbers per
-file on the driver, and a one-line DataError for the first bad thing found."""
+file on the driver, and a one-line DataError for the first bad thing found.
+
+Parquet is scanned by Ray tasks, a few row groups each, read with pyarrow; the same pass counts
+each row group's held-out rows (for dealing row groups to workers, raytrain.data.pieces) and the
+training rows' feature moments (for scaling), so the data is read once before training. CSV is
+scanned by Ray Data.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from raytrain.data import csvfiles
 from raytrain.data.files import DataError, Source, features_of, in_validation, read_mapped
+from raytrain.data.pieces import Piece
 
 _PATH = "path"  # the column Ray Data adds with include_paths=True
 
@@ -65,8 +73,115 @@ def scan_batch(
     return pa.table(out)
 
 
+_TASK_ROWS = 2_000_000  # rows per scan task (whole row groups)
+
+
+@dataclass(frozen=True)
+class ParquetScan:
+    """What the scan of Parquet files found: per-file statistics, every row group with its
+    held-out rows, and the (count, mean, m2) of the training rows' features per row group."""
+
+    files: dict[str, FileStats]
+    pieces: tuple[Piece, ...]
+    moments: list[dict]
+
+
+def scan_row_groups(
+    filesystem,
+    file: str,
+    row_groups: Sequence[int],
+    feature_columns: Sequence[str],
+    label_column: str,
+    val_fraction: float,
+) -> list[dict]:
+    """Statistics of some row groups of one file (a Ray task): one dict per row group."""
+    out = []
+    with pq.ParquetFile(file, filesystem=filesystem) as parquet:
+        for index in row_groups:
+            table = parquet.read_row_group(index, columns=[*feature_columns, label_column])
+            labels = table.column(label_column).to_numpy(zero_copy_only=False)
+            x = features_of(table, feature_columns)
+            found = {"row_group": index, "rows": len(labels), "val_rows": 0, "nonfinite": 0}
+            found["label_min"] = int(labels.min()) if len(labels) else 0
+            found["label_max"] = int(labels.max()) if len(labels) else 0
+            if x is None:  # ragged lists: the widths say so, nothing else is needed
+                column = table.column(feature_columns[0]).combine_chunks()
+                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+                found.update(width_min=int(lengths.min()), width_max=int(lengths.max()))
+                out.append(found)
+                continue
+            found.update(width_min=x.shape[1], width_max=x.shape[1])
+            found["nonfinite"] = int((~np.isfinite(x)).any(axis=1).sum())
+            train = x
+            if val_fraction:
+                held_out = in_validation(x, val_fraction)
+                found["val_rows"] = int(held_out.sum())
+                found["held_out"] = np.packbits(held_out).tobytes()
+                train = x[~held_out]
+            found["moments"] = _moments(train) if not found["nonfinite"] else None
+            out.append(found)
+    return out
+
+
+def _moments(x: np.ndarray) -> dict:
+    mean = x.mean(axis=0, dtype=np.float64) if len(x) else np.zeros(x.shape[1])
+    centred = x.astype(np.float64) - mean
+    return {"n": len(x), "mean": mean, "m2": np.einsum("ij,ij->j", centred, centred)}
+
+
+def scan_parquet(source: Source, val_fraction: float) -> ParquetScan:
+    """One parallel pass over every row group: statistics, and DataError for bad rows."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1)(scan_row_groups)
+    jobs: list[tuple[str, ray.ObjectRef]] = []
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for file, index, rows in source.row_groups:
+        by_file.setdefault(file, []).append((index, rows))
+    for file, groups in by_file.items():
+        chunk: list[int] = []
+        held = 0
+        for i, (index, rows) in enumerate(groups):
+            chunk.append(index)
+            held += rows
+            if held >= _TASK_ROWS or i == len(groups) - 1:
+                ref = task.remote(
+                    source.filesystem,
+                    file,
+                    chunk,
+                    source.feature_columns,
+                    source.label_column,
+                    val_fraction,
+                )
+                jobs.append((file, ref))
+                chunk, held = [], 0
+    stats = {file: FileStats() for file in source.files}
+    pieces, moments = [], []
+    for (file, _), found in zip(jobs, ray.get([ref for _, ref in jobs]), strict=True):
+        for part in found:
+            _add(stats[file], part)
+            held_out = part.get("held_out")
+            pieces.append(Piece(file, part["row_group"], part["rows"], part["val_rows"], held_out))
+            if part.get("moments") is not None and part["moments"]["n"]:
+                moments.append(part["moments"])
+    _raise_for_bad_rows(source, stats)
+    return ParquetScan(stats, tuple(pieces), moments)
+
+
+def _add(s: FileStats, row: dict) -> None:
+    s.rows += row["rows"]
+    s.val_rows += row["val_rows"]
+    s.nonfinite += row["nonfinite"]
+    if row["rows"]:
+        s.label_min = _fold(min, s.label_min, row["label_min"])
+        s.label_max = _fold(max, s.label_max, row["label_max"])
+        s.width_min = _fold(min, s.width_min, row["width_min"])
+        s.width_max = _fold(max, s.width_max, row["width_max"])
+
+
 def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
-    """One streaming pass over every row: per-file statistics, and DataError for bad rows."""
+    """One streaming pass over every row of CSV files (Ray Data): per-file statistics, and
+    DataError for bad rows."""
     scanned = read_mapped(source, scan_batch, include_paths=True, val_fraction=val_fraction)
     try:
         with _quiet(source.format == "csv"):
@@ -83,14 +198,7 @@ def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
         raise
     stats = {file: FileStats() for file in source.files}
     for row in rows:
-        s = stats.setdefault(_match(row["path"], stats), FileStats())
-        s.rows += row["rows"]
-        s.val_rows += row["val_rows"]
-        s.nonfinite += row["nonfinite"]
-        s.label_min = _fold(min, s.label_min, row["label_min"])
-        s.label_max = _fold(max, s.label_max, row["label_max"])
-        s.width_min = _fold(min, s.width_min, row["width_min"])
-        s.width_max = _fold(max, s.width_max, row["width_max"])
+        _add(stats.setdefault(_match(row["path"], stats), FileStats()), row)
     _raise_for_bad_rows(source, stats)
     return stats
 

@@ -1,9 +1,14 @@
 """The Ray Datasets a run trains and validates on: ``build_datasets(cfg, ...) -> Datasets``.
 
-Synthetic rows are generated on the driver; Parquet files are checked up front and then read
-lazily, so the driver never holds them. Ingest is "memory" (the training split is made into Arrow
-blocks in Ray's object store once; every worker fetches and copies them at start-up) or "stream"
-(Ray Train hands every worker an equal shard of the Dataset, read every epoch).
+Synthetic rows are generated on the driver; files are checked up front and then read where they
+are needed, so the driver never holds them. Ingest is "memory" (every worker holds the whole
+training split, copied once at start-up) or "stream" (every worker reads its share every epoch).
+
+- Synthetic and CSV rows are Ray Datasets: in memory, their Arrow blocks are made once in Ray's
+  object store and every worker fetches them; streamed (CSV), Ray Train hands every worker an
+  equal shard of the Dataset.
+- Parquet rows are row groups (raytrain.data.pieces) that each worker reads directly: all of
+  them once in memory, its deal of them every epoch when streamed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import ray.data
 
 from raytrain.config import DataConfig
 from raytrain.data import checks, files
-from raytrain.data.scaling import Scaling, fit_scaling
+from raytrain.data.pieces import PieceSet
+from raytrain.data.scaling import Scaling, combine, fit_scaling
 from raytrain.data.synthetic import make_synthetic
 from raytrain.data.tables import xy_table
 
@@ -25,8 +31,8 @@ from raytrain.data.tables import xy_table
 class Datasets:
     """The Ray Datasets of a run and the shape of their rows."""
 
-    train: ray.data.Dataset
-    val: ray.data.Dataset
+    train: ray.data.Dataset | None  # None for Parquet: read as pieces
+    val: ray.data.Dataset | None
     features: int
     classes: int
     train_rows: int
@@ -38,6 +44,9 @@ class Datasets:
     blocks: tuple[ray.ObjectRef, ...] = ()
     val_blocks: tuple[ray.ObjectRef, ...] = ()
     scaling: Scaling | None = None  # the training split's feature statistics, when scaled
+    # Parquet: the row groups of each split, read by the workers themselves.
+    train_pieces: PieceSet | None = None
+    val_pieces: PieceSet | None = None
 
 
 def build_datasets(cfg: DataConfig, workers: int = 1, copies_per_node: int = 1) -> Datasets:
@@ -51,6 +60,8 @@ def build_datasets(cfg: DataConfig, workers: int = 1, copies_per_node: int = 1) 
         datasets = _synthetic_datasets(cfg)
     else:
         datasets = _file_datasets(cfg, workers, copies_per_node)
+    if datasets.train is None:  # Parquet: the scan already measured what scaling needs
+        return datasets
     train = datasets.train
     if datasets.ingest == "memory":
         blocks = tuple(datasets.train.to_arrow_refs())
@@ -82,14 +93,22 @@ _KINDS = {"parquet": "Parquet", "csv": "CSV"}
 def _file_datasets(cfg: DataConfig, workers: int, copies_per_node: int) -> Datasets:
     train_source = files.find(cfg.path, cfg.feature_columns, cfg.label_column)
     hashed = 0.0 if cfg.val_path else cfg.val_fraction
+    val_source = (
+        files.find(cfg.val_path, cfg.feature_columns, cfg.label_column) if cfg.val_path else None
+    )
+    if train_source.format == "parquet" and (val_source is None or val_source.format == "parquet"):
+        return _parquet_datasets(cfg, train_source, val_source, workers, copies_per_node)
     train_stats = checks.scan(train_source, hashed)
     rows = sum(s.rows for s in train_stats.values())
     held_out = sum(s.val_rows for s in train_stats.values())  # 0 with a separate val_path
-    width = next(s.width_min for s in train_stats.values() if s.rows)
-    classes = max(s.label_max for s in train_stats.values() if s.rows) + 1
-    if cfg.val_path:
-        val_source = files.find(cfg.val_path, cfg.feature_columns, cfg.label_column)
-        val_rows = checks.check_validation(checks.scan(val_source, 0.0), width, classes)
+    width, classes = _shape(train_stats)
+    if val_source is not None:
+        val_stats = (
+            checks.scan_parquet(val_source, 0.0).files
+            if val_source.format == "parquet"
+            else checks.scan(val_source, 0.0)
+        )
+        val_rows = checks.check_validation(val_stats, width, classes)
         train = files.read_xy(train_source)
         val = files.read_xy(val_source)
     else:
@@ -97,16 +116,7 @@ def _file_datasets(cfg: DataConfig, workers: int, copies_per_node: int) -> Datas
         train = files.read_xy(train_source, hashed, keep="train")
         val = files.read_xy(train_source, hashed, keep="val")
     train_rows = rows - held_out
-    if train_rows < workers or val_rows < 1:
-        raise files.DataError(
-            f"data path {cfg.path!r} gives {train_rows} training and {val_rows} validation rows; "
-            f"need at least {workers} training rows (one per worker) and one validation row"
-        )
-    megabytes = train_rows * (width * 4 + 8) / 1e6
-    ingest = cfg.ingest
-    if ingest == "auto":
-        # Every worker holds a copy of an in-memory split: count the copies one node holds.
-        ingest = "memory" if megabytes * copies_per_node <= cfg.memory_limit_mb else "stream"
+    ingest = _ingest(cfg, train_rows, val_rows, width, workers, copies_per_node)
     return Datasets(
         train=train,
         val=val,
@@ -115,7 +125,74 @@ def _file_datasets(cfg: DataConfig, workers: int, copies_per_node: int) -> Datas
         train_rows=train_rows,
         val_rows=val_rows,
         ingest=ingest,
-        source=f"{_KINDS[train_source.format]} {cfg.path} ({len(train_source.files)} files, "
-        f"{rows:,} rows, "
-        f"{megabytes:,.0f} MB training split, {ingest} ingest)",
+        source=_source_line(cfg, train_source, rows, train_rows, width, ingest),
+    )
+
+
+def _parquet_datasets(
+    cfg: DataConfig,
+    train_source: files.Source,
+    val_source: files.Source | None,
+    workers: int,
+    copies_per_node: int,
+) -> Datasets:
+    hashed = 0.0 if val_source is not None else cfg.val_fraction
+    scanned = checks.scan_parquet(train_source, hashed)
+    width, classes = _shape(scanned.files)
+    read = (train_source.filesystem, train_source.feature_columns, train_source.label_column)
+    if val_source is not None:
+        val_scan = checks.scan_parquet(val_source, 0.0)
+        checks.check_validation(val_scan.files, width, classes)
+        train = PieceSet(*read, scanned.pieces)
+        val_read = (val_source.filesystem, val_source.feature_columns, val_source.label_column)
+        val = PieceSet(*val_read, val_scan.pieces)
+    else:
+        train = PieceSet(*read, scanned.pieces, hashed, keep="train")
+        val = PieceSet(*read, scanned.pieces, hashed, keep="val")
+    rows = sum(s.rows for s in scanned.files.values())
+    ingest = _ingest(cfg, train.total_rows, val.total_rows, width, workers, copies_per_node)
+    scaled = cfg.normalize in ("standard", "auto")
+    return Datasets(
+        train=None,
+        val=None,
+        features=width,
+        classes=classes,
+        train_rows=train.total_rows,
+        val_rows=val.total_rows,
+        ingest=ingest,
+        source=_source_line(cfg, train_source, rows, train.total_rows, width, ingest),
+        scaling=combine(scanned.moments) if scaled else None,
+        train_pieces=train,
+        val_pieces=val,
+    )
+
+
+def _shape(stats: dict[str, checks.FileStats]) -> tuple[int, int]:
+    """Features per row and classes (the largest label + 1) of scanned files."""
+    width = next(s.width_min for s in stats.values() if s.rows)
+    return width, max(s.label_max for s in stats.values() if s.rows) + 1
+
+
+def _ingest(
+    cfg: DataConfig, train_rows: int, val_rows: int, width: int, workers: int, copies: int
+) -> str:
+    if train_rows < workers or val_rows < 1:
+        raise files.DataError(
+            f"data path {cfg.path!r} gives {train_rows} training and {val_rows} validation rows; "
+            f"need at least {workers} training rows (one per worker) and one validation row"
+        )
+    if cfg.ingest != "auto":
+        return cfg.ingest
+    # Every worker holds a copy of an in-memory split: count the copies one node holds.
+    megabytes = train_rows * (width * 4 + 8) / 1e6
+    return "memory" if megabytes * copies <= cfg.memory_limit_mb else "stream"
+
+
+def _source_line(
+    cfg: DataConfig, source: files.Source, rows: int, train_rows: int, width: int, ingest: str
+) -> str:
+    megabytes = train_rows * (width * 4 + 8) / 1e6
+    return (
+        f"{_KINDS[source.format]} {cfg.path} ({len(source.files)} files, {rows:,} rows, "
+        f"{megabytes:,.0f} MB training split, {ingest} ingest)"
     )

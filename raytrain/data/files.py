@@ -43,6 +43,9 @@ class Source:
     label_column: str
     width: int | None  # features per row when the schema fixes it (else checked by the scan)
     format: str = "parquet"  # or "csv"
+    # Parquet: every row group as (file, index, rows), from the footers. Workers read these
+    # pieces directly (raytrain.data.pieces); CSV has none and is read by Ray Data.
+    row_groups: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -79,28 +82,40 @@ def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source
         )
     kind = "csv" if kinds == {".csv"} else "parquet"
     width = None
+    row_groups: list[tuple[str, int, int]] = []
     for file in files:
-        file_width = _check_schema(fs, file, tuple(feature_columns), label_column, kind)
+        file_width, groups = _check_schema(fs, file, tuple(feature_columns), label_column, kind)
+        row_groups += [(file, i, rows) for i, rows in enumerate(groups)]
         if width is not None and file_width is not None and file_width != width:
             raise DataError(
                 f"{file}: {file_width} features per row, but {files[0]} has {width}; every file "
                 "needs the same features"
             )
         width = width if file_width is None else file_width
-    return Source(fs, tuple(files), tuple(feature_columns), label_column, width, kind)
+    return Source(
+        fs, tuple(files), tuple(feature_columns), label_column, width, kind, tuple(row_groups)
+    )
 
 
 def _check_schema(
     fs: pafs.FileSystem, file: str, feature_columns: tuple[str, ...], label: str, kind: str
-) -> int | None:
+) -> tuple[int | None, list[int]]:
+    """The file's features per row (None if the scan must tell) and its row groups' sizes."""
     try:
-        schema = (
-            pq.read_schema(file, filesystem=fs)
-            if kind == "parquet"
-            else (csvfiles.schema(fs, file))
-        )
+        if kind == "parquet":
+            footer = pq.read_metadata(file, filesystem=fs)
+            schema = footer.schema.to_arrow_schema()
+            groups = [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
+        else:
+            schema, groups = csvfiles.schema(fs, file), []
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{file}: not a readable {kind.upper()} file ({e})") from None
+    return _width(file, schema, feature_columns, label, kind), groups
+
+
+def _width(
+    file: str, schema: pa.Schema, feature_columns: tuple[str, ...], label: str, kind: str
+) -> int | None:
     names = schema.names
     for column in (*feature_columns, label):
         if column not in names:
@@ -174,6 +189,30 @@ def in_validation(x: np.ndarray, fraction: float) -> np.ndarray:
     return (h % np.uint64(_BUCKETS)) < np.uint64(round(fraction * _BUCKETS))
 
 
+def xy_arrays(
+    batch: pa.Table,
+    feature_columns: Sequence[str],
+    label_column: str,
+    val_fraction: float = 0.0,
+    keep: str = "all",
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's features (float32, rows x features) and int64 labels.
+
+    ``keep`` is "train" or "val" to keep one side of the hashed validation split, or "all".
+    """
+    x = features_of(batch, feature_columns)
+    y = batch.column(label_column).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if keep != "all" and val_fraction:
+        held_out = in_validation(x, val_fraction)
+        rows = held_out if keep == "val" else ~held_out
+        x, y = x[rows], y[rows]
+    elif keep == "val":
+        x, y = x[:0], y[:0]
+    # Writable (a copy only where the arrays are views of Arrow's read-only buffers): torch
+    # takes them over without a copy of its own.
+    return np.require(x, requirements="W"), np.require(y, requirements="W")
+
+
 def to_xy(
     batch: pa.Table,
     feature_columns: Sequence[str],
@@ -181,17 +220,8 @@ def to_xy(
     val_fraction: float = 0.0,
     keep: str = "all",
 ) -> pa.Table:
-    """A batch as ``x``/``y`` rows (raytrain.data.tables).
-
-    ``keep`` is "train" or "val" to keep one side of the hashed validation split, or "all".
-    """
-    x = features_of(batch, feature_columns)
-    y = batch.column(label_column).to_numpy(zero_copy_only=False)
-    if keep != "all":
-        held_out = in_validation(x, val_fraction)
-        rows = held_out if keep == "val" else ~held_out
-        x, y = x[rows], y[rows]
-    return xy_table(x, y)
+    """A batch as ``x``/``y`` rows (raytrain.data.tables); ``keep`` as in ``xy_arrays``."""
+    return xy_table(*xy_arrays(batch, feature_columns, label_column, val_fraction, keep))
 
 
 def read_xy(source: Source, val_fraction: float = 0.0, keep: str = "all"):

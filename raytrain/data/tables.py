@@ -33,3 +33,11 @@ def to_tensors(tables: list[pa.Table]):
     x = table.column(FEATURES).combine_chunks().flatten().to_numpy()
     y = table.column(LABEL).to_numpy()
     return torch.tensor(x).view(-1, features), torch.tensor(y)
+
+
+def to_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The features (rows, features) and labels of an ``x``/``y`` table as NumPy views of its
+    buffers, without a copy (read-only when the table lives in Ray's object store)."""
+    column = table.column(FEATURES).combine_chunks()  # one chunk: no copy
+    x = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return x, table.column(LABEL).to_numpy()

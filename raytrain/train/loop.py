@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from raytrain.config import Config, TrainConfig
+from raytrain.data.pieces import PieceSet
 from raytrain.data.scaling import Scaling
-from raytrain.data.tables import FEATURES, LABEL, to_tensors
+from raytrain.data.tables import to_arrays, to_tensors
 from raytrain.evaluate import tally
 from raytrain.model import build_model, unwrap
 from raytrain.runs import checkpoint_name
@@ -62,6 +63,8 @@ class LoopArgs:
     blocks: tuple = ()  # in memory: the training split's Arrow blocks in the object store
     val_blocks: tuple = ()  # in memory: the validation split's, likewise
     scaling: Scaling | None = None  # the training split's feature statistics, if scaled
+    train_pieces: PieceSet | None = None  # Parquet: the row groups each worker reads itself
+    val_pieces: PieceSet | None = None
     fail_at: tuple[int, int] | None = None  # (rank, epoch): raytrain.train.faults
 
 
@@ -89,21 +92,87 @@ def memory_batches(
 
 def streamed_batches(
     shard, local_batch: int, seed: int, epoch: int, rank: int, world: int, scale: Callable
-):
-    """This worker's Ray Data shard, streamed in local batches with a seeded local shuffle,
-    features scaled by ``scale``.
+) -> Batches:
+    """This worker's Ray Data shard, streamed in local batches, features scaled by ``scale``.
 
-    Ray Train splits the stream into equal shards, so every worker takes the same number of
-    steps with batches of the same size, and the global batch is ``world`` local batches.
+    Ray Data hands over whole blocks (a Parquet file's rows, or part of one); each is viewed
+    without a copy, shuffled by a permutation seeded by ``(seed, epoch, rank)`` (the one copy
+    of its rows), scaled once and cut into local batches. The rows left over at a block's end
+    open the next block's first batch. Ray Train splits the stream into equal shards, so every
+    worker takes the same number of steps with batches of the same size, and the global batch is
+    ``world`` local batches.
     """
-    shuffle_seed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-    for batch in shard.iter_torch_batches(
-        batch_size=local_batch,
-        prefetch_batches=4,
-        local_shuffle_buffer_size=8 * local_batch,
-        local_shuffle_seed=shuffle_seed,
-    ):
-        yield scale(batch[FEATURES]), batch[LABEL], len(batch[LABEL]) * world
+    rng = np.random.default_rng([seed, epoch, rank])
+    left_x = left_y = None
+    for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        x, y = to_arrays(block)
+        order = rng.permutation(len(y))
+        x, y = scale(torch.from_numpy(x[order])), torch.from_numpy(y[order])
+        if left_y is not None:
+            x, y = torch.cat([left_x, x]), torch.cat([left_y, y])
+        whole = len(y) - len(y) % local_batch
+        for start in range(0, whole, local_batch):
+            yield (
+                x[start : start + local_batch],
+                y[start : start + local_batch],
+                local_batch * world,
+            )
+        left_x, left_y = x[whole:], y[whole:]
+    if left_y is not None and len(left_y):
+        yield left_x, left_y, len(left_y) * world
+
+
+def piece_batches(
+    pieces: PieceSet,
+    features: int,
+    local_batch: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    scale: Callable,
+) -> Batches:
+    """This worker's deal of the row groups (``PieceSet.deal``), read in a random order seeded
+    by ``(seed, epoch, rank)`` and cut into local batches, features scaled by ``scale``.
+
+    Every worker knows every worker's row count (the deal is the same everywhere), so all take
+    the same number of steps: step ``j``'s global batch is the workers' ``j``-th local batches,
+    a worker whose rows ran out contributing an empty one, and every row is seen once an epoch.
+    """
+    shares = pieces.deal(world)
+    counts = [sum(pieces.rows(p) for p in share) for share in shares]
+    steps = max(-(-n // local_batch) for n in counts)
+
+    def global_rows(step: int) -> int:
+        return sum(min(local_batch, max(0, n - step * local_batch)) for n in counts)
+
+    step = 0
+    left_x = left_y = None
+    rng = np.random.default_rng([seed, epoch, rank])
+    for x, y in pieces.windows(shares[rank], rng):
+        x, y = scale(torch.from_numpy(x)), torch.from_numpy(y)
+        if left_y is not None:
+            x, y = torch.cat([left_x, x]), torch.cat([left_y, y])
+        whole = len(y) - len(y) % local_batch
+        for start in range(0, whole, local_batch):
+            yield x[start : start + local_batch], y[start : start + local_batch], global_rows(step)
+            step += 1
+        left_x, left_y = x[whole:], y[whole:]
+    if left_y is not None and len(left_y):
+        yield left_x, left_y, global_rows(step)
+        step += 1
+    for later in range(step, steps):  # this worker's rows ran out before the others'
+        yield torch.zeros(0, features), torch.zeros(0, dtype=torch.int64), global_rows(later)
+
+
+def streamed_val_batches(shard, scale: Callable):
+    """This worker's share of the validation rows, block by block, in ``_VAL_BATCH`` batches."""
+    for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        x, y = to_arrays(block)
+        for start in range(0, len(y), _VAL_BATCH):
+            # Copied (a batch's worth) out of the object store's read-only buffers.
+            xb = torch.tensor(x[start : start + _VAL_BATCH])
+            yield scale(xb), torch.tensor(y[start : start + _VAL_BATCH])
 
 
 def train_epoch(
@@ -157,11 +226,15 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
     cfg = args.config.train
     scale = args.scaling.apply if args.scaling is not None else (lambda x: x)
     if args.ingest == "memory":
-        # Small enough to hold: the splits' blocks, copied into tensors once, instead of paying
-        # a Ray Data pipeline start-up every epoch. Validation: rows rank, rank + W, ...
-        x, y = to_tensors(ray.get(list(args.blocks)))
+        # Small enough to hold: the splits copied into tensors once, instead of reading them
+        # again every epoch. Validation: rows rank, rank + W, ...
+        if args.train_pieces is not None:
+            x, y = _read_all(args.train_pieces)
+            val_x, val_y = _read_all(args.val_pieces)
+        else:
+            x, y = to_tensors(ray.get(list(args.blocks)))
+            val_x, val_y = to_tensors(ray.get(list(args.val_blocks)))
         x = scale(x)
-        val_x, val_y = to_tensors(ray.get(list(args.val_blocks)))
         val_x, val_y = scale(val_x[rank::world]), val_y[rank::world]
 
         def train_batches(epoch: int) -> Batches:
@@ -175,17 +248,37 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
             )
 
         return train_batches, val_batches
-    shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     local = cfg.batch_size // world  # the driver checked that every worker count divides it
+    if args.train_pieces is not None:
+        train, val = args.train_pieces, args.val_pieces
 
-    def streamed_val():
-        for batch in val_shard.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=2):
-            yield scale(batch[FEATURES]), batch[LABEL]
+        def piece_val_batches():
+            for x, y in val.read(val.deal(world)[rank]):
+                for i in range(0, len(y), _VAL_BATCH):
+                    xb = torch.from_numpy(x[i : i + _VAL_BATCH])
+                    yield scale(xb), torch.from_numpy(y[i : i + _VAL_BATCH])
 
+        return (
+            lambda epoch: piece_batches(
+                train, args.features, local, cfg.seed, epoch, rank, world, scale
+            ),
+            piece_val_batches,
+        )
+    shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     return (
         lambda epoch: streamed_batches(shard, local, cfg.seed, epoch, rank, world, scale),
-        streamed_val,
+        lambda: streamed_val_batches(val_shard, scale),
     )
+
+
+def _read_all(pieces: PieceSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row of a split, in file order, as two tensors."""
+    parts = list(pieces.read(pieces.pieces))
+    if not parts:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+    x = np.concatenate([x for x, _ in parts]) if len(parts) > 1 else parts[0][0]
+    y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def validate(model: torch.nn.Module, batches, classes: int) -> dict[str, float]:

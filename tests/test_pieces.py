@@ -1,0 +1,107 @@
+"""The streamed Parquet path without Ray: row groups dealt to workers, read directly, cut into the
+batches of every step. Every training row once per epoch across the workers, every step's global
+batch what the workers' local batches add up to, the same seed the same order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raytrain.data import pieces as pieces_module
+from raytrain.data.files import in_validation
+from raytrain.data.pieces import Piece, PieceSet
+from raytrain.train.loop import piece_batches
+
+FEATURES = 3
+
+
+@pytest.fixture(scope="module")
+def row_groups(tmp_path_factory):
+    """1,000 rows in two files with row groups of uneven sizes. Feature 0 is the row's id."""
+    where = tmp_path_factory.mktemp("pieces")
+    x = np.random.default_rng(0).standard_normal((1000, FEATURES), dtype=np.float32)
+    x[:, 0] = np.arange(1000)
+    found = []
+    for name, (lo, hi), group in (("a", (0, 640), 100), ("b", (640, 1000), 37)):
+        flat = pa.array(x[lo:hi].reshape(-1))
+        table = pa.table(
+            {
+                "x": pa.FixedSizeListArray.from_arrays(flat, FEATURES),
+                "y": pa.array(np.arange(lo, hi) % 2),
+            }
+        )
+        path = str(where / f"{name}.parquet")
+        pq.write_table(table, path, row_group_size=group)
+        footer = pq.read_metadata(path)
+        start = lo
+        for i in range(footer.num_row_groups):
+            rows = footer.row_group(i).num_rows
+            held = int(in_validation(x[start : start + rows], 0.2).sum())
+            found.append(Piece(path, i, rows, held))
+            start += rows
+    return x, tuple(found)
+
+
+def piece_set(row_groups, keep="train") -> PieceSet:
+    _, found = row_groups
+    return PieceSet(pafs.LocalFileSystem(), ("x",), "y", found, 0.2, keep)
+
+
+def epoch_of(pieces: PieceSet, world: int, epoch: int = 0, seed: int = 0, local: int = 32):
+    """Every worker's batches of one epoch: lists of (row ids, global rows)."""
+    return [
+        [
+            (xb[:, 0].long().tolist(), global_rows)
+            for xb, _, global_rows in piece_batches(
+                pieces, FEATURES, local, seed, epoch, rank, world, lambda t: t
+            )
+        ]
+        for rank in range(world)
+    ]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_training_row_once_an_epoch_in_equal_steps(row_groups, world, monkeypatch):
+    monkeypatch.setattr(pieces_module, "MIX_ROWS", 150)  # several windows per worker
+    x, _ = row_groups
+    train_ids = set(np.flatnonzero(~in_validation(x, 0.2)).tolist())
+    workers = epoch_of(piece_set(row_groups), world)
+    assert len({len(batches) for batches in workers}) == 1  # the same number of steps
+    seen = [i for batches in workers for ids, _ in batches for i in ids]
+    assert sorted(seen) == sorted(train_ids)  # every training row, once
+    for step in zip(*workers, strict=True):
+        assert len({global_rows for _, global_rows in step}) == 1
+        assert step[0][1] == sum(len(ids) for ids, _ in step)
+
+
+def test_the_same_seed_gives_the_same_order_and_epochs_differ(row_groups):
+    pieces = piece_set(row_groups)
+    first = epoch_of(pieces, 2, epoch=0)
+    assert epoch_of(pieces, 2, epoch=0) == first
+    assert epoch_of(pieces, 2, epoch=1) != first
+    assert epoch_of(pieces, 2, epoch=0, seed=1) != first
+
+
+def test_the_deal_balances_rows_and_validation_covers_the_held_out_rows(row_groups):
+    x, _ = row_groups
+    train = piece_set(row_groups)
+    shares = train.deal(3)
+    loads = [sum(train.rows(p) for p in share) for share in shares]
+    assert max(loads) - min(loads) <= 100  # at most about one row group apart
+    val = piece_set(row_groups, keep="val")
+    ids = [int(i) for share in val.deal(2) for xb, _ in val.read(share) for i in xb[:, 0]]
+    assert sorted(ids) == np.flatnonzero(in_validation(x, 0.2)).tolist()
+    assert val.total_rows + train.total_rows == 1000
+
+
+def test_batches_are_tensors_of_the_rows_labels(row_groups):
+    (batches,) = [
+        list(piece_batches(piece_set(row_groups), FEATURES, 64, 0, 0, 0, 1, lambda t: t))
+    ]
+    for xb, yb, global_rows in batches:
+        assert xb.dtype == torch.float32 and yb.dtype == torch.int64
+        assert torch.equal(yb, xb[:, 0].long() % 2) and global_rows == len(yb)
