@@ -65,17 +65,20 @@ def epoch_of(pieces: PieceSet, world: int, epoch: int = 0, seed: int = 0, local:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_training_row_once_an_epoch_in_equal_steps(row_groups, world, monkeypatch):
+@pytest.mark.parametrize("local", [32, 200])  # batches within windows, and across several
+def test_every_training_row_once_an_epoch_in_equal_steps(row_groups, world, local, monkeypatch):
     monkeypatch.setattr(pieces_module, "MIX_ROWS", 150)  # several windows per worker
     x, _ = row_groups
     train_ids = set(np.flatnonzero(~in_validation(x, 0.2)).tolist())
-    workers = epoch_of(piece_set(row_groups), world)
+    workers = epoch_of(piece_set(row_groups), world, local=local)
     assert len({len(batches) for batches in workers}) == 1  # the same number of steps
     seen = [i for batches in workers for ids, _ in batches for i in ids]
     assert sorted(seen) == sorted(train_ids)  # every training row, once
     for step in zip(*workers, strict=True):
         assert len({global_rows for _, global_rows in step}) == 1
         assert step[0][1] == sum(len(ids) for ids, _ in step)
+        assert all(len(ids) <= local for ids, _ in step)
+    assert all(len(ids) == local for batches in workers for ids, _ in batches[:-3])
 
 
 def test_the_same_seed_gives_the_same_order_and_epochs_differ(row_groups):

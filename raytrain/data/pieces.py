@@ -11,15 +11,18 @@ group is already a block: its size is in the footer, and reading it needs only t
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raytrain.data.files import xy_arrays
+from raytrain.data.files import features_of, xy_arrays
 
 # Rows shuffled together: row groups are read until the window holds this many rows, then
 # permuted as one, so that a batch mixes several row groups (files sorted by label still give
@@ -80,9 +83,11 @@ class PieceSet:
             heapq.heappush(loads, (rows + self.rows(piece), rank))
         return shares
 
-    def read(self, pieces: Sequence[Piece]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The split's rows of each piece in turn, the next one read in the background while
-        the caller works on this one (pyarrow and NumPy release the GIL)."""
+    def read(
+        self, pieces: Sequence[Piece], ahead: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The split's rows of each piece in turn; with ``ahead``, the next one is read in the
+        background while the caller works on this one (pyarrow and NumPy release the GIL)."""
         columns = [*self.feature_columns, self.label_column]
         files: dict[str, pq.ParquetFile] = {}
 
@@ -95,10 +100,20 @@ class PieceSet:
                 return xy_arrays(
                     table, self.feature_columns, self.label_column, self.val_fraction, self.keep
                 )
-            x, y = xy_arrays(table, self.feature_columns, self.label_column)
+            # Views of Arrow's buffers, then one copy: the rows of this split.
+            x = features_of(table, self.feature_columns)
+            y = table.column(self.label_column).to_numpy(zero_copy_only=False)
             rows = held_out if self.keep == "val" else ~held_out
-            return x[rows], y[rows]
+            return x[rows], y[rows].astype(np.int64, copy=False)
 
+        if not ahead:
+            try:
+                for piece in pieces:
+                    yield load(piece)
+            finally:
+                for file in files.values():
+                    file.close()
+            return
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="raytrain-read") as pool:
                 ahead = pool.submit(load, pieces[0]) if pieces else None
@@ -111,21 +126,64 @@ class PieceSet:
                 file.close()
 
     def windows(
-        self, pieces: Sequence[Piece], rng: np.random.Generator
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self,
+        pieces: Sequence[Piece],
+        rng: np.random.Generator,
+        prepare: Callable[[np.ndarray, np.ndarray], Any] = lambda x, y: (x, y),
+    ) -> Iterator[Any]:
         """The pieces in a random order, read into windows of at least ``MIX_ROWS`` rows (or
-        what is left), each window's rows in a random order: a copy of the rows, writable."""
+        what is left), each window's rows in a random order (a copy: writable) and handed to
+        ``prepare``. A background thread reads, mixes and prepares the next window while the
+        caller works on this one."""
         order = rng.permutation(len(pieces))
-        held_x: list[np.ndarray] = []
-        held_y: list[np.ndarray] = []
-        held = 0
-        for i, (x, y) in enumerate(self.read([pieces[j] for j in order])):
-            held_x.append(x)
-            held_y.append(y)
-            held += len(y)
-            if held >= MIX_ROWS or i == len(pieces) - 1:
-                x = held_x[0] if len(held_x) == 1 else np.concatenate(held_x)
-                y = held_y[0] if len(held_y) == 1 else np.concatenate(held_y)
-                mixed = rng.permutation(len(y))
-                yield x[mixed], y[mixed]
-                held_x, held_y, held = [], [], 0
+        ready: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def hand_over(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                held_x: list[np.ndarray] = []
+                held_y: list[np.ndarray] = []
+                held = 0
+                parts = self.read([pieces[j] for j in order], ahead=False)
+                for i, (x, y) in enumerate(parts):
+                    held_x.append(x)
+                    held_y.append(y)
+                    held += len(y)
+                    if held >= MIX_ROWS or i == len(pieces) - 1:
+                        x = held_x[0] if len(held_x) == 1 else np.concatenate(held_x)
+                        y = held_y[0] if len(held_y) == 1 else np.concatenate(held_y)
+                        mixed = rng.permutation(len(y))
+                        if not hand_over(prepare(x[mixed], y[mixed])):
+                            return
+                        held_x, held_y, held = [], [], 0
+                hand_over(_DONE)
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                hand_over(_Failed(e))
+
+        producer = threading.Thread(target=produce, name="raytrain-windows", daemon=True)
+        producer.start()
+        try:
+            while (item := ready.get()) is not _DONE:
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException

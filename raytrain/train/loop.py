@@ -149,15 +149,24 @@ def piece_batches(
     step = 0
     left_x = left_y = None
     rng = np.random.default_rng([seed, epoch, rank])
-    for x, y in pieces.windows(shares[rank], rng):
-        x, y = scale(torch.from_numpy(x)), torch.from_numpy(y)
-        if left_y is not None:
-            x, y = torch.cat([left_x, x]), torch.cat([left_y, y])
-        whole = len(y) - len(y) % local_batch
-        for start in range(0, whole, local_batch):
-            yield x[start : start + local_batch], y[start : start + local_batch], global_rows(step)
+
+    def prepare(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return scale(torch.from_numpy(x)), torch.from_numpy(y)  # in the reading thread
+
+    for x, y in pieces.windows(shares[rank], rng, prepare):
+        start = 0
+        if left_y is not None and len(left_y):  # complete the batch begun in the last window
+            start = min(local_batch - len(left_y), len(y))
+            left_x, left_y = torch.cat([left_x, x[:start]]), torch.cat([left_y, y[:start]])
+            if len(left_y) < local_batch:
+                continue
+            yield left_x, left_y, global_rows(step)
             step += 1
-        left_x, left_y = x[whole:], y[whole:]
+        end = start + (len(y) - start) // local_batch * local_batch
+        for i in range(start, end, local_batch):
+            yield x[i : i + local_batch], y[i : i + local_batch], global_rows(step)
+            step += 1
+        left_x, left_y = x[end:], y[end:]
     if left_y is not None and len(left_y):
         yield left_x, left_y, global_rows(step)
         step += 1
