@@ -4,6 +4,8 @@ batch what the workers' local batches add up to, the same seed the same order.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -102,9 +104,23 @@ def test_the_deal_balances_rows_and_validation_covers_the_held_out_rows(row_grou
 
 
 def test_batches_are_tensors_of_the_rows_labels(row_groups):
-    (batches,) = [
-        list(piece_batches(piece_set(row_groups), FEATURES, 64, 0, 0, 0, 1, lambda t: t))
-    ]
+    (batches,) = [list(piece_batches(piece_set(row_groups), FEATURES, 64, 0, 0, 0, 1, lambda t: t))]
     for xb, yb, global_rows in batches:
         assert xb.dtype == torch.float32 and yb.dtype == torch.int64
         assert torch.equal(yb, xb[:, 0].long() % 2) and global_rows == len(yb)
+
+
+def test_the_scans_held_out_bits_split_rows_as_hashing_does(row_groups):
+    x, found = row_groups
+    marked = []
+    for piece in found:
+        table = pq.read_table(piece.file)
+        start = sum(p.rows for p in found if p.file == piece.file and p.row_group < piece.row_group)
+        ids = table.column("x").combine_chunks().flatten().to_numpy()[::FEATURES]
+        held = in_validation(x[ids[start : start + piece.rows].astype(int)], 0.2)
+        marked.append(dataclasses.replace(piece, held_out=np.packbits(held).tobytes()))
+    for keep in ("train", "val"):
+        hashed = piece_set(row_groups, keep)
+        bits = dataclasses.replace(hashed, pieces=tuple(marked))
+        for a, b in zip(hashed.read(hashed.pieces), bits.read(bits.pieces), strict=True):
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
