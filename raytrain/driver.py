@@ -5,6 +5,7 @@ results.json."""
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import threading
 import time
@@ -182,7 +183,9 @@ def run(
     """Train (or continue training), validate the best checkpoint on the driver, write
     results.json (and the report with its plots, unless ``report`` is off)."""
     started = time.perf_counter()
-    datasets = build_datasets(cfg.data, plan.workers, plan.copies_per_node)
+    # On an embedded Ray the driver is on the machine with the data: it scans Parquet itself.
+    scan_threads = (os.cpu_count() or 1) if plan.embedded else 0
+    datasets = build_datasets(cfg.data, plan.workers, plan.copies_per_node, scan_threads)
     prepared = time.perf_counter()
     console.line(
         f"{'data':>7}  {datasets.source}; {datasets.features} features, "

@@ -15,7 +15,7 @@ import torch
 
 from raytrain.data import pieces as pieces_module
 from raytrain.data.files import in_validation
-from raytrain.data.pieces import Piece, PieceSet
+from raytrain.data.pieces import Piece, PieceSet, read_splits
 from raytrain.train.loop import piece_batches
 
 FEATURES = 3
@@ -124,3 +124,13 @@ def test_the_scans_held_out_bits_split_rows_as_hashing_does(row_groups):
         bits = dataclasses.replace(hashed, pieces=tuple(marked))
         for a, b in zip(hashed.read(hashed.pieces), bits.read(bits.pieces), strict=True):
             assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_both_splits_in_one_pass_equal_each_read_on_its_own(row_groups):
+    train, val = piece_set(row_groups), piece_set(row_groups, keep="val")
+    both = read_splits(train, val, FEATURES)
+    for split, (x, y) in zip((train, val), both, strict=True):
+        parts = list(split.read(split.pieces))
+        assert np.array_equal(x, np.concatenate([p[0] for p in parts]))
+        assert np.array_equal(y, np.concatenate([p[1] for p in parts]))
+        assert x.flags.writeable and y.dtype == np.int64

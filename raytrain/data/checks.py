@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ def scan_batch(
     return pa.table(out)
 
 
-_TASK_ROWS = 2_000_000  # rows per scan task (whole row groups)
+_TASK_ROWS = 1_000_000  # rows per scan task (whole row groups)
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,14 @@ def _moments(x: np.ndarray) -> dict:
     return {"n": len(x), "mean": mean, "m2": np.einsum("ij,ij->j", centred, centred)}
 
 
-def scan_parquet(source: Source, val_fraction: float) -> ParquetScan:
-    """One parallel pass over every row group: statistics, and DataError for bad rows."""
-    import ray
+def scan_parquet(source: Source, val_fraction: float, threads: int = 0) -> ParquetScan:
+    """One parallel pass over every row group: statistics, and DataError for bad rows.
 
-    task = ray.remote(num_cpus=1, max_retries=1)(scan_row_groups)
-    jobs: list[tuple[str, ray.ObjectRef]] = []
+    ``threads`` > 0: in this process, on that many threads (an embedded Ray's driver is on the
+    machine with the data, and starting Ray worker processes for the tasks would cost more than
+    the scan); 0: as Ray tasks, wherever the cluster has CPUs.
+    """
+    jobs: list[tuple[str, list[int]]] = []
     by_file: dict[str, list[tuple[int, int]]] = {}
     for file, index, rows in source.row_groups:
         by_file.setdefault(file, []).append((index, rows))
@@ -145,19 +148,22 @@ def scan_parquet(source: Source, val_fraction: float) -> ParquetScan:
             chunk.append(index)
             held += rows
             if held >= _TASK_ROWS or i == len(groups) - 1:
-                ref = task.remote(
-                    source.filesystem,
-                    file,
-                    chunk,
-                    source.feature_columns,
-                    source.label_column,
-                    val_fraction,
-                )
-                jobs.append((file, ref))
+                jobs.append((file, chunk))
                 chunk, held = [], 0
+    read = (source.feature_columns, source.label_column, val_fraction)
+    if threads:
+        with ThreadPoolExecutor(threads, thread_name_prefix="raytrain-scan") as pool:
+            results = list(
+                pool.map(lambda job: scan_row_groups(source.filesystem, *job, *read), jobs)
+            )
+    else:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=1)(scan_row_groups)
+        results = ray.get([task.remote(source.filesystem, *job, *read) for job in jobs])
     stats = {file: FileStats() for file in source.files}
     pieces, moments = [], []
-    for (file, _), found in zip(jobs, ray.get([ref for _, ref in jobs]), strict=True):
+    for (file, _), found in zip(jobs, results, strict=True):
         for part in found:
             _add(stats[file], part)
             held_out = part.get("held_out")

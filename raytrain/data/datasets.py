@@ -49,17 +49,21 @@ class Datasets:
     val_pieces: PieceSet | None = None
 
 
-def build_datasets(cfg: DataConfig, workers: int = 1, copies_per_node: int = 1) -> Datasets:
+def build_datasets(
+    cfg: DataConfig, workers: int = 1, copies_per_node: int = 1, scan_threads: int = 0
+) -> Datasets:
     """Ray Datasets for the train and validation splits (needs a connected Ray), and the
     training split's feature statistics when ``cfg.normalize`` asks for scaling.
 
     ``copies_per_node``: how many workers (each with its own copy of an in-memory split) can
     share one node; 'auto' ingest compares that many copies with ``cfg.memory_limit_mb``.
+    ``scan_threads``: scan Parquet on this many threads of this process (embedded Ray), or as
+    Ray tasks on the cluster (0).
     """
     if cfg.path is None:
         datasets = _synthetic_datasets(cfg)
     else:
-        datasets = _file_datasets(cfg, workers, copies_per_node)
+        datasets = _file_datasets(cfg, workers, copies_per_node, scan_threads)
     if datasets.train is None:  # Parquet: the scan already measured what scaling needs
         return datasets
     train = datasets.train
@@ -90,21 +94,25 @@ def _synthetic_datasets(cfg: DataConfig) -> Datasets:
 _KINDS = {"parquet": "Parquet", "csv": "CSV"}
 
 
-def _file_datasets(cfg: DataConfig, workers: int, copies_per_node: int) -> Datasets:
+def _file_datasets(
+    cfg: DataConfig, workers: int, copies_per_node: int, scan_threads: int
+) -> Datasets:
     train_source = files.find(cfg.path, cfg.feature_columns, cfg.label_column)
     hashed = 0.0 if cfg.val_path else cfg.val_fraction
     val_source = (
         files.find(cfg.val_path, cfg.feature_columns, cfg.label_column) if cfg.val_path else None
     )
     if train_source.format == "parquet" and (val_source is None or val_source.format == "parquet"):
-        return _parquet_datasets(cfg, train_source, val_source, workers, copies_per_node)
+        return _parquet_datasets(
+            cfg, train_source, val_source, workers, copies_per_node, scan_threads
+        )
     train_stats = checks.scan(train_source, hashed)
     rows = sum(s.rows for s in train_stats.values())
     held_out = sum(s.val_rows for s in train_stats.values())  # 0 with a separate val_path
     width, classes = _shape(train_stats)
     if val_source is not None:
         val_stats = (
-            checks.scan_parquet(val_source, 0.0).files
+            checks.scan_parquet(val_source, 0.0, scan_threads).files
             if val_source.format == "parquet"
             else checks.scan(val_source, 0.0)
         )
@@ -135,13 +143,14 @@ def _parquet_datasets(
     val_source: files.Source | None,
     workers: int,
     copies_per_node: int,
+    scan_threads: int,
 ) -> Datasets:
     hashed = 0.0 if val_source is not None else cfg.val_fraction
-    scanned = checks.scan_parquet(train_source, hashed)
+    scanned = checks.scan_parquet(train_source, hashed, scan_threads)
     width, classes = _shape(scanned.files)
     read = (train_source.filesystem, train_source.feature_columns, train_source.label_column)
     if val_source is not None:
-        val_scan = checks.scan_parquet(val_source, 0.0)
+        val_scan = checks.scan_parquet(val_source, 0.0, scan_threads)
         checks.check_validation(val_scan.files, width, classes)
         train = PieceSet(*read, scanned.pieces)
         val_read = (val_source.filesystem, val_source.feature_columns, val_source.label_column)

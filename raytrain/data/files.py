@@ -182,7 +182,7 @@ def in_validation(x: np.ndarray, fraction: float) -> np.ndarray:
     the same on every pass and every node, needs no row index, and holds ~fraction of the rows."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
     weights = (np.arange(bits.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B1)) | np.uint64(1)
-    h = (bits * weights).sum(axis=1, dtype=np.uint64)
+    h = bits @ weights  # sum of bits * weights, modulo 2**64 (a matmul: no temporary array)
     h ^= h >> np.uint64(31)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(29)

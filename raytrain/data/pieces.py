@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raytrain.data.files import features_of, xy_arrays
+from raytrain.data.files import features_of, in_validation
 
 # Rows shuffled together: row groups are read until the window holds this many rows, then
 # permuted as one, so that a batch mixes several row groups (files sorted by label still give
@@ -83,38 +83,44 @@ class PieceSet:
             heapq.heappush(loads, (rows + self.rows(piece), rank))
         return shares
 
+    def held_out(self, piece: Piece, x: np.ndarray) -> np.ndarray:
+        """Which of a piece's rows (features ``x``) the hashed split holds out."""
+        mask = piece.held_out_mask()
+        return mask if mask is not None else in_validation(x, self.val_fraction)
+
+    def select(self, piece: Piece, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This split's rows of a piece's rows ``x``, ``y``: a copy of its own, writable."""
+        if self.keep == "all" or not self.val_fraction:
+            if self.keep == "val":
+                return x[:0].copy(), y[:0].copy()
+            return np.array(x), np.array(y, dtype=np.int64)
+        held_out = self.held_out(piece, x)
+        rows = held_out if self.keep == "val" else ~held_out
+        return x[rows], y[rows].astype(np.int64, copy=False)
+
     def read(
-        self, pieces: Sequence[Piece], ahead: bool = True
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The split's rows of each piece in turn; with ``ahead``, the next one is read in the
-        background while the caller works on this one (pyarrow and NumPy release the GIL)."""
+        self, pieces: Sequence[Piece], ahead: bool = True, pick: Callable | None = None
+    ) -> Iterator[Any]:
+        """The split's rows of each piece in turn, as ``(x, y)`` arrays (or what
+        ``pick(piece, x, y)`` makes of the piece's rows, views of Arrow's buffers); with
+        ``ahead``, the next piece is read in the background while the caller works on this one
+        (pyarrow and NumPy release the GIL)."""
         columns = [*self.feature_columns, self.label_column]
         files: dict[str, pq.ParquetFile] = {}
+        pick = pick or self.select
 
-        def load(piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        def load(piece: Piece):
             if piece.file not in files:
                 files[piece.file] = pq.ParquetFile(piece.file, filesystem=self.filesystem)
             table = files[piece.file].read_row_group(piece.row_group, columns=columns)
-            held_out = piece.held_out_mask() if self.keep != "all" else None
-            if held_out is None:
-                return xy_arrays(
-                    table, self.feature_columns, self.label_column, self.val_fraction, self.keep
-                )
-            # Views of Arrow's buffers, then one copy: the rows of this split.
             x = features_of(table, self.feature_columns)
-            y = table.column(self.label_column).to_numpy(zero_copy_only=False)
-            rows = held_out if self.keep == "val" else ~held_out
-            return x[rows], y[rows].astype(np.int64, copy=False)
+            return pick(piece, x, table.column(self.label_column).to_numpy(zero_copy_only=False))
 
-        if not ahead:
-            try:
+        try:
+            if not ahead:
                 for piece in pieces:
                     yield load(piece)
-            finally:
-                for file in files.values():
-                    file.close()
-            return
-        try:
+                return
             with ThreadPoolExecutor(1, thread_name_prefix="raytrain-read") as pool:
                 ahead = pool.submit(load, pieces[0]) if pieces else None
                 for i in range(len(pieces)):
@@ -187,3 +193,38 @@ _DONE = object()
 @dataclass(frozen=True)
 class _Failed:
     error: BaseException
+
+
+def read_splits(
+    train: PieceSet, val: PieceSet, features: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Every row of the training and the validation split, each as ``(x, y)`` in file order,
+    copied once into arrays of their final size. When the two are sides of the same row groups
+    (the hashed split), each row group is read once for both."""
+    splits = (train, val)
+    arrays = [
+        (np.empty((s.total_rows, features), np.float32), np.empty(s.total_rows, np.int64))
+        for s in splits
+    ]
+    filled = [0, 0]
+
+    def put(which: int, x: np.ndarray, y: np.ndarray) -> None:
+        start, end = filled[which], filled[which] + len(y)
+        arrays[which][0][start:end] = x
+        arrays[which][1][start:end] = y
+        filled[which] = end
+
+    if train.pieces == val.pieces and (train.keep, val.keep) == ("train", "val"):
+
+        def both(piece: Piece, x: np.ndarray, y: np.ndarray) -> None:
+            held_out = train.held_out(piece, x)
+            put(0, x[~held_out], y[~held_out])
+            put(1, x[held_out], y[held_out])
+
+        for _ in train.read(train.pieces, pick=both):
+            pass
+    else:
+        for which, split in enumerate(splits):
+            for x, y in split.read(split.pieces):
+                put(which, x, y)
+    return arrays[0], arrays[1]

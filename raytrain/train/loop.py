@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from raytrain.config import Config, TrainConfig
-from raytrain.data.pieces import PieceSet
+from raytrain.data.pieces import PieceSet, read_splits
 from raytrain.data.scaling import Scaling
 from raytrain.data.tables import to_arrays, to_tensors
 from raytrain.evaluate import tally
@@ -238,8 +238,8 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
         # Small enough to hold: the splits copied into tensors once, instead of reading them
         # again every epoch. Validation: rows rank, rank + W, ...
         if args.train_pieces is not None:
-            x, y = _read_all(args.train_pieces)
-            val_x, val_y = _read_all(args.val_pieces)
+            train, val = read_splits(args.train_pieces, args.val_pieces, args.features)
+            (x, y), (val_x, val_y) = map(torch.from_numpy, train), map(torch.from_numpy, val)
         else:
             x, y = to_tensors(ray.get(list(args.blocks)))
             val_x, val_y = to_tensors(ray.get(list(args.val_blocks)))
@@ -278,16 +278,6 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
         lambda epoch: streamed_batches(shard, local, cfg.seed, epoch, rank, world, scale),
         lambda: streamed_val_batches(val_shard, scale),
     )
-
-
-def _read_all(pieces: PieceSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row of a split, in file order, as two tensors."""
-    parts = list(pieces.read(pieces.pieces))
-    if not parts:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
-    x = np.concatenate([x for x, _ in parts]) if len(parts) > 1 else parts[0][0]
-    y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
-    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def validate(model: torch.nn.Module, batches, classes: int) -> dict[str, float]:
