@@ -295,14 +295,15 @@ def test_console_off_a_terminal_prints_the_plain_lines_only():
         console.show(row)
         console.show(epoch_totals(6, worker_stats(6)))
     best = {"epoch": 5, "metric": "val_loss"}
-    console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 200}, best)
+    by = {"epoch": 5, "workers": [{"rank": 0}, {"rank": 1}]}
+    console.validation({"accuracy": 0.965, "loss": 0.3687, "rows": 2000, "validated_by": by}, best)
     assert out.getvalue().splitlines() == [
         "epoch  5/10  loss 0.1400  acc  99.0%  val_loss 0.1600  val_acc  80.0%"
         "      1,860 samples/s  0.215 s  checkpoint",
         "epoch  6/10  loss 0.1167  acc  99.0%                                 "
         "      1,852 samples/s  0.216 s",
-        "validation  acc 96.5%  loss 0.3687  (200 held-out rows, on the driver; the checkpoint of "
-        "epoch 5, best by val_loss)",
+        "validation  acc 96.5%  loss 0.3687  (2,000 held-out rows, on 2 workers; the checkpoint "
+        "of epoch 5, best by val_loss)",
     ]
 
 
