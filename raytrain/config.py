@@ -89,7 +89,7 @@ class DataConfig(_Section):
         0.5, ge=0, description="Std of the Gaussian noise added to the hidden rule's logits."
     )
     val_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of rows held out for validation on the driver."
+        0.2, gt=0, lt=1, description="Share of rows held out for validation."
     )
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed for generating and splitting the synthetic data."

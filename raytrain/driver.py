@@ -208,7 +208,7 @@ def run(
     if rows and rows[-1].get("stopped_early"):
         console.line(outcome.early_stop_line(cfg, rows[-1]))
     best = outcome.best_checkpoint(result, cfg, run_dir)
-    validation = outcome.validate(cfg, datasets, best["checkpoint"])
+    validation = outcome.validation_of(best["checkpoint"])
     console.validation(validation, best)
     times = {
         "ray_start": plan.ray_start_s,

@@ -4,10 +4,7 @@ session, where each rank ran, and all of it as results.json (format: docs/run-di
 
 from __future__ import annotations
 
-import os
 import resource
-import socket
-import warnings
 from typing import Any
 
 import ray
@@ -17,12 +14,8 @@ import torch
 from raytrain import runs
 from raytrain.cluster import DATA_CPUS, Plan
 from raytrain.config import Config
-from raytrain.data.datasets import Datasets
-from raytrain.data.scaling import Scaling
-from raytrain.data.tables import FEATURES, LABEL
 from raytrain.errors import TrainingStopped
-from raytrain.evaluate import evaluate
-from raytrain.model import build_model
+from raytrain.evaluate import summarize
 from raytrain.storage import Location
 from raytrain.train import checkpoint
 from raytrain.train.stopping import mode_of
@@ -84,45 +77,18 @@ def best_checkpoint(result: ray.train.Result, cfg: Config, run_dir: Location) ->
     }
 
 
-def load_model(cfg: Config, datasets: Datasets, checkpoint_dir: str):
-    """The model of a checkpoint (a path or URI), its feature scaling and its state."""
+def validation_of(checkpoint_dir: str) -> dict[str, Any]:
+    """The validation a checkpoint (a path or URI) carries: its workers measured it on all
+    held-out rows in the epoch that wrote it, each a share, added up in one all-reduce."""
     state = checkpoint.load_at(checkpoint_dir)
-    model = build_model(cfg.model, datasets.features, datasets.classes)
-    model.load_state_dict(state["model"])
-    scaling = Scaling(**state["scaling"]) if state.get("scaling") else None
-    return model, scaling, state
-
-
-def validate(cfg: Config, datasets: Datasets, checkpoint_dir: str) -> dict[str, Any]:
-    """A checkpoint's validation on all held-out rows, on the driver, with its feature scaling."""
-    model, scaling, _ = load_model(cfg, datasets, checkpoint_dir)
-    scale = scaling.apply if scaling is not None else (lambda x: x)
-    if datasets.val_pieces is not None:  # Parquet: its row groups, read here one by one
-        pieces = datasets.val_pieces
-        batches = (
-            (
-                scale(torch.from_numpy(x[i : i + _VAL_BATCH])),
-                torch.from_numpy(y[i : i + _VAL_BATCH]),
-            )
-            for x, y in pieces.read(pieces.pieces)
-            for i in range(0, len(y), _VAL_BATCH)
+    found = state.get("validation")
+    if found is None:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {checkpoint_dir!r} carries no validation (written by an older "
+            "raytrain); train the run again"
         )
-    else:
-        batches = (
-            (scale(b[FEATURES]), b[LABEL])
-            for b in datasets.val.iter_torch_batches(batch_size=_VAL_BATCH, prefetch_batches=0)
-        )
-    with warnings.catch_warnings():
-        # Ray Data hands read-only Arrow buffers to torch.as_tensor, which warns about it; the
-        # batches are only read here.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        validation = evaluate(model, batches, datasets.classes)
-    validation["validated_by"] = {
-        "pid": os.getpid(),
-        "hostname": socket.gethostname(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "node_ip": ray.util.get_node_ip_address(),  # host names may repeat across machines
-    }
+    validation = summarize(found["loss_sum"], torch.tensor(found["confusion"]))
+    validation["validated_by"] = {"epoch": found["epoch"], "workers": found["workers"]}
     return validation
 
 

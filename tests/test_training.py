@@ -203,9 +203,10 @@ def test_epoch_order_is_seeded_per_epoch():
 
 
 @pytest.mark.ray
-def test_default_run_learns_and_validates_on_the_driver(train):
+def test_default_run_learns_and_validates_on_the_workers(train):
     """The tutorial's defaults with 2 workers: well above chance on held-out rows, and within a
-    point of the same model trained by the plain loop."""
+    point of the same model trained by the plain loop. The validation the workers add up in the
+    epoch of a checkpoint is what one process computes with that checkpoint's model."""
     trained = train("scaling.workers=2")
     val = trained.results["validation"]
     assert val["rows"] == 200
@@ -216,7 +217,17 @@ def test_default_run_learns_and_validates_on_the_driver(train):
     model, _, split = tutorial_loop(trained.cfg)
     plain = evaluate(model, [(split.val_x, split.val_y)], classes=2)
     assert abs(val["accuracy"] - plain["accuracy"]) <= 0.01
-    assert "validation  acc" in trained.console
+    assert "validation  acc" in trained.console and "held-out rows, on 2 workers" in trained.console
+    carried = trained.state["validation"]
+    assert carried["epoch"] == trained.state["epoch"] and len(carried["workers"]) == 2
+    same = build_model(trained.cfg.model, 10, 2)
+    same.load_state_dict(trained.state["model"])
+    one_process = evaluate(same, [(split.val_x, split.val_y)], classes=2)
+    assert carried["confusion"] == one_process["confusion"]
+    assert carried["loss_sum"] / 200 == pytest.approx(one_process["loss"], abs=1e-6)
+    best = trained.results["best"]["epoch"]
+    row = next(r for r in trained.metrics if r["epoch"] == best)
+    assert (val["loss"], val["accuracy"]) == pytest.approx((row["val_loss"], row["val_accuracy"]))
 
 
 @pytest.mark.ray

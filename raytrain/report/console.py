@@ -108,7 +108,7 @@ class Console:
             which = f"; the checkpoint of epoch {best['epoch']}, best by {best['metric']}"
         self.line(
             f"validation  acc {val['accuracy']:.1%}  loss {val['loss']:.4f}  "
-            f"({val['rows']} held-out rows, on the driver{which})"
+            f"({val['rows']:,} held-out rows, on {_workers(val)}{which})"
         )
 
     def start(self, epochs: int) -> None:
@@ -193,3 +193,8 @@ class _EtaColumn(ProgressColumn):
         minutes, seconds = divmod(left, 60)
         hours, minutes = divmod(minutes, 60)
         return Text(f"ETA {hours}:{minutes:02}:{seconds:02}", style="progress.remaining")
+
+
+def _workers(validation: dict[str, Any]) -> str:
+    count = len((validation.get("validated_by") or {}).get("workers") or ())
+    return f"{count} worker{'s' if count != 1 else ''}"

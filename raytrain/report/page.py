@@ -98,7 +98,7 @@ def render_html(run: RunFiles, png: bytes) -> str:
                 _num(train.get("samples_per_s"), "{:,.0f}"),
             ],
             [
-                "validation (held out, on the driver)",
+                "validation (held out)",
                 _num(validation.get("loss"), "{:.4f}"),
                 _num(validation.get("accuracy"), "{:.1%}"),
                 _num(validation.get("rows"), "{}"),

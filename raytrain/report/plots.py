@@ -106,7 +106,7 @@ def _metric_panel(ax, rows, validation, last_epoch: int, key, label, scale, fmt)
     if validation.get(key) is not None:
         val = validation[key] * scale
         at = validation.get("epoch") or last_epoch
-        final = f"the chosen model on the driver: {fmt.format(val)}"
+        final = f"the chosen checkpoint: {fmt.format(val)}"
         ax.plot([at], [val], "*", color=_VAL, markersize=14, label=final)
     ax.set_ylabel(label)
     _epoch_axis(ax, epochs[0] if epochs else last_epoch, last_epoch)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from raytrain.train.metrics import (
     epoch_totals,
     gather_epoch,
     gather_objects,
+    sum_over_workers,
     worker_row,
 )
 from raytrain.train.optim import build_optimizer, build_scheduler
@@ -280,16 +282,22 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
     )
 
 
-def validate(model: torch.nn.Module, batches, classes: int) -> dict[str, float]:
-    """This worker's validation sums (summed across the workers by the epoch's gather)."""
+def validate(
+    model: torch.nn.Module, batches, classes: int, world: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """This worker's validation sums (for the epoch's row, gathered with its other numbers), and
+    the validation of all held-out rows, summed over the workers in one all-reduce: the loss sum
+    and the confusion matrix that a checkpoint of this epoch carries."""
     started = time.perf_counter()
     loss_sum, confusion = tally(unwrap(model), batches, classes)
-    return {
+    mine = {
         "val_loss_sum": loss_sum,
         "val_correct": float(confusion.diag().sum().item()),
         "val_rows": float(confusion.sum().item()),
-        "val_time_s": time.perf_counter() - started,
     }
+    whole = sum_over_workers(loss_sum, confusion, world)
+    mine["val_time_s"] = time.perf_counter() - started
+    return mine, whole
 
 
 NOT_VALIDATED = {"val_loss_sum": 0.0, "val_correct": 0.0, "val_rows": 0.0, "val_time_s": 0.0}
@@ -353,7 +361,12 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
         local.update(epoch_time_s=time.perf_counter() - started, started_at=started_at)
         done = epoch + 1
         due = validation_due(done, cfg.train)
-        local.update(validate(model, val_batches(), args.classes) if due else NOT_VALIDATED)
+        whole = None
+        if due:
+            mine, whole = validate(model, val_batches(), args.classes, world)
+            local.update(mine)
+        else:
+            local.update(NOT_VALIDATED)
         stats = gather_epoch(local, world)
         totals = {**epoch_totals(done, stats), "lr": lr}
         # The same gathered numbers on every worker: all stop together, none checkpoints.
@@ -364,6 +377,8 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
         if stop:
             totals["stopped_early"] = {"best_epoch": watch.best_epoch, "best": watch.best}
         save = not bad and (checkpoint_due(done, cfg.train) or stop)
+        if save and whole is None:  # early stopping on a training metric, between validations
+            _, whole = validate(model, val_batches(), args.classes, world)
         scheduler.step()  # first: a checkpoint holds the schedule of the epoch after it
         if log is not None:  # the row first: a crash while checkpointing keeps it
             facts = starts if epoch == start_epoch else [{k: s[k] for k in PLACE} for s in starts]
@@ -373,6 +388,8 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
         if save:
             state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
             extra = {"config": cfg.to_dict(), "scaling": scaling, "watch": watch.state()}
+            places = [{k: s[k] for k in PLACE} for s in starts]
+            extra["validation"] = {**whole, "epoch": done, "workers": places}
             checkpoint.report(rank, done, totals, **state, **extra)
         if bad or stop:
             return

@@ -64,6 +64,19 @@ def gather_epoch(local: dict[str, float], world: int) -> list[dict[str, float]]:
     return [dict(zip(STATS, row.tolist(), strict=True)) for row in table]
 
 
+def sum_over_workers(loss_sum: float, confusion: torch.Tensor, world: int) -> dict[str, Any]:
+    """A validation's loss sum and confusion matrix added up over the workers (one all-reduce;
+    float64 counts are exact far beyond any row count)."""
+    classes = confusion.shape[0]
+    packed = torch.cat(
+        [torch.tensor([loss_sum], dtype=torch.float64), confusion.flatten().to(torch.float64)]
+    )
+    if world > 1:
+        dist.all_reduce(packed)
+    counts = packed[1:].round().to(torch.int64).view(classes, classes)
+    return {"loss_sum": packed[0].item(), "confusion": counts.tolist()}
+
+
 def gather_objects(mine: dict[str, Any], world: int) -> list[dict[str, Any]]:
     """Every worker's ``mine`` (small, JSON-ready), indexed by rank, on every rank."""
     if world == 1:
