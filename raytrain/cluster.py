@@ -381,6 +381,12 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
         # preemption watcher (an actor process of its own, ~110 MB) would watch for nothing. The
         # processes Ray starts here inherit this environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray starts its worker processes at nice 15, below its own daemons and the driver, so
+        # that a busy cluster node keeps its raylet responsive. Here the training workers are
+        # the work: at nice 15 every wake-up of Ray's daemons or the driver preempts one of a
+        # multi-threaded worker's threads, and each parallel operation waits for the slowest
+        # (measured in docs/performance.md). A user's own cluster keeps its setting.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local" always starts a private instance, never joins another one on this host.
         _private_token()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
