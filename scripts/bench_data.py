@@ -99,6 +99,7 @@ def raytrain_run(storage: Path, name: str, *flags: str) -> dict:
         "driver_validation_s": phases["validation"],
         "driver_peak_rss_mb": results["driver_peak_rss_mb"],
         "driver_peak_own_mb": memory["own"],
+        "console_warnings": memory["warnings"],
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
     }
 
@@ -128,6 +129,8 @@ def run_sampled(cmd: list[str]) -> dict[str, float]:
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{out}\n{err}")
+    # A default run prints no warning of Ray's (or anyone's): keep any line that does.
+    peak["warnings"] = [line for line in (out + err).splitlines() if "warn" in line.lower()]
     return peak
 
 
@@ -275,6 +278,10 @@ def main() -> None:
         ]
         print(" | ".join(cells))
     print(f"tutorial (2 workers) first step: {tutorial_first:.1f} s")
+    warned = [w for group in runs.values() for r in group for w in r.get("console_warnings", [])]
+    print(f"warning lines on the consoles of the raytrain runs: {len(warned)}")
+    for line in sorted(set(warned)):
+        print(f"  {line}")
     for r in table:
         each = ", ".join(f"{x:.2f}" for x in r["epoch_ratios"])
         print(f"{r['rows']:,} rows: stream epoch / plain epoch in each repetition: {each}")
