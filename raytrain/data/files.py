@@ -189,30 +189,6 @@ def in_validation(x: np.ndarray, fraction: float) -> np.ndarray:
     return (h % np.uint64(_BUCKETS)) < np.uint64(round(fraction * _BUCKETS))
 
 
-def xy_arrays(
-    batch: pa.Table,
-    feature_columns: Sequence[str],
-    label_column: str,
-    val_fraction: float = 0.0,
-    keep: str = "all",
-) -> tuple[np.ndarray, np.ndarray]:
-    """A batch's features (float32, rows x features) and int64 labels.
-
-    ``keep`` is "train" or "val" to keep one side of the hashed validation split, or "all".
-    """
-    x = features_of(batch, feature_columns)
-    y = batch.column(label_column).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    if keep != "all" and val_fraction:
-        held_out = in_validation(x, val_fraction)
-        rows = held_out if keep == "val" else ~held_out
-        x, y = x[rows], y[rows]
-    elif keep == "val":
-        x, y = x[:0], y[:0]
-    # Writable (a copy only where the arrays are views of Arrow's read-only buffers): torch
-    # takes them over without a copy of its own.
-    return np.require(x, requirements="W"), np.require(y, requirements="W")
-
-
 def to_xy(
     batch: pa.Table,
     feature_columns: Sequence[str],
@@ -220,8 +196,17 @@ def to_xy(
     val_fraction: float = 0.0,
     keep: str = "all",
 ) -> pa.Table:
-    """A batch as ``x``/``y`` rows (raytrain.data.tables); ``keep`` as in ``xy_arrays``."""
-    return xy_table(*xy_arrays(batch, feature_columns, label_column, val_fraction, keep))
+    """A batch as ``x``/``y`` rows (raytrain.data.tables).
+
+    ``keep`` is "train" or "val" to keep one side of the hashed validation split, or "all".
+    """
+    x = features_of(batch, feature_columns)
+    y = batch.column(label_column).to_numpy(zero_copy_only=False)
+    if keep != "all":
+        held_out = in_validation(x, val_fraction)
+        rows = held_out if keep == "val" else ~held_out
+        x, y = x[rows], y[rows]
+    return xy_table(x, y)
 
 
 def read_xy(source: Source, val_fraction: float = 0.0, keep: str = "all"):
