@@ -208,9 +208,9 @@ def main() -> None:
         check_ratios = [
             s["data_check_s"] / p["epoch_s"][0] for s, p in zip(stream, plain_scan, strict=True)
         ]
-        copy_ratios = [
+        copy_ratios = [  # no memory runs above --memory-max
             m["worker_data_copy_s"] / p["epoch_s"][0]
-            for m, p in zip(memory, plain_scan, strict=True)
+            for m, p in zip(memory, plain_scan[: len(memory)], strict=True)
         ]
         table.append(
             {
