@@ -144,7 +144,7 @@ def tree_pss_mb(root: int) -> float:
 # ---- one measured run ----------------------------------------------------------------------------
 
 
-def measure(cmd: list[str], workload: str, storage: Path) -> dict:
+def measure(cmd: list[str], workload: str, storage: Path, pss_every: float = 0.2) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = f"{BASE}:{ROOT}"
     raytrain = "raytrain.main" in cmd
@@ -161,7 +161,7 @@ def measure(cmd: list[str], workload: str, storage: Path) -> dict:
 
     def sample() -> None:
         nonlocal peak
-        while not done.wait(0.2):
+        while not done.wait(pss_every):
             peak = max(peak, tree_pss_mb(proc.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -222,13 +222,20 @@ def main() -> None:
         "--workloads", nargs="+", default=["tutorial", "compute"], choices=["tutorial", "compute"]
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "bench.json"))
+    parser.add_argument(
+        "--pss-every",
+        type=float,
+        default=0.2,
+        help="seconds between memory samples; reading every process's smaps_rollup is not free "
+        "(it slowed raytrain's compute-bound runs by a quarter at 0.2 s)",
+    )
     args = parser.parse_args()
     storage = Path(tempfile.mkdtemp(prefix="raytrain-bench-"))
     runs = []
     for rep in range(args.reps):
         for workload in args.workloads:
             for variant, cmd in variants(workload).items():
-                row = measure(cmd, workload, storage)
+                row = measure(cmd, workload, storage, args.pss_every)
                 runs.append({"workload": workload, "variant": variant, "rep": rep, **row})
                 print(
                     f"rep {rep + 1}/{args.reps} {workload:8} {variant:16} "
@@ -308,6 +315,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores",
         "command": " ".join(["python", *sys.argv]),
         "reps": args.reps,
+        "pss_every_s": args.pss_every,
         "runs": runs,
         "medians": medians,
         "ratios": ratios,
