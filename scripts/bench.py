@@ -14,7 +14,7 @@ on 200,000 rows) it runs, interleaved so that machine noise hits all alike, REPS
 and reports medians of: wall time, time from launch to the first training step (and the share of it
 that is Ray start-up), per-epoch time, per-epoch overhead (epoch time minus the time spent in
 forward/backward/step), samples/second, and peak memory: the proportional set size (PSS) summed
-over every process of the run, sampled every 0.2 s.
+over every process of the run, sampled every --pss-every seconds (0.2).
 
     python scripts/bench.py                          # both workloads, 5 repetitions
     python scripts/bench.py --reps 3 --workloads tutorial
