@@ -227,7 +227,7 @@ def main() -> None:
         type=float,
         default=0.2,
         help="seconds between memory samples; reading every process's smaps_rollup is not free "
-        "(it slowed raytrain's compute-bound runs by a quarter at 0.2 s)",
+        "(raytrain 1x2 did 0.68x of plain 2 threads sampled every 0.2 s, 0.80x every 5 s)",
     )
     args = parser.parse_args()
     storage = Path(tempfile.mkdtemp(prefix="raytrain-bench-"))
