@@ -92,36 +92,51 @@ def memory_batches(
         yield x[mine], y[mine], len(batch)
 
 
+def local_batches(
+    windows: Iterator[tuple[torch.Tensor, torch.Tensor]], local_batch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive windows of rows cut into batches of ``local_batch`` rows (the last may be
+    smaller). A batch that spans two windows copies only its own rows."""
+    left_x = left_y = None
+    for x, y in windows:
+        start = 0
+        if left_y is not None and len(left_y):  # complete the batch begun in the last window
+            start = min(local_batch - len(left_y), len(y))
+            left_x, left_y = torch.cat([left_x, x[:start]]), torch.cat([left_y, y[:start]])
+            if len(left_y) < local_batch:
+                continue
+            yield left_x, left_y
+        end = start + (len(y) - start) // local_batch * local_batch
+        for i in range(start, end, local_batch):
+            yield x[i : i + local_batch], y[i : i + local_batch]
+        left_x, left_y = x[end:], y[end:]
+    if left_y is not None and len(left_y):
+        yield left_x, left_y
+
+
 def streamed_batches(
     shard, local_batch: int, seed: int, epoch: int, rank: int, world: int, scale: Callable
 ) -> Batches:
     """This worker's Ray Data shard, streamed in local batches, features scaled by ``scale``.
 
-    Ray Data hands over whole blocks (a Parquet file's rows, or part of one); each is viewed
-    without a copy, shuffled by a permutation seeded by ``(seed, epoch, rank)`` (the one copy
-    of its rows), scaled once and cut into local batches. The rows left over at a block's end
-    open the next block's first batch. Ray Train splits the stream into equal shards, so every
-    worker takes the same number of steps with batches of the same size, and the global batch is
-    ``world`` local batches.
+    Ray Data hands over whole blocks (a file's rows, or part of one); each is viewed without a
+    copy, shuffled by a permutation seeded by ``(seed, epoch, rank)`` (the one copy of its rows)
+    and scaled once. Ray Train splits the stream into equal shards, so every worker takes the
+    same number of steps with batches of the same size, and the global batch is ``world`` local
+    batches.
     """
     rng = np.random.default_rng([seed, epoch, rank])
-    left_x = left_y = None
-    for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-        x, y = to_arrays(block)
-        order = rng.permutation(len(y))
-        x, y = scale(torch.from_numpy(x[order])), torch.from_numpy(y[order])
-        if left_y is not None:
-            x, y = torch.cat([left_x, x]), torch.cat([left_y, y])
-        whole = len(y) - len(y) % local_batch
-        for start in range(0, whole, local_batch):
-            yield (
-                x[start : start + local_batch],
-                y[start : start + local_batch],
-                local_batch * world,
-            )
-        left_x, left_y = x[whole:], y[whole:]
-    if left_y is not None and len(left_y):
-        yield left_x, left_y, len(left_y) * world
+
+    def blocks():
+        for block in shard.iter_batches(
+            batch_size=None, batch_format="pyarrow", prefetch_batches=1
+        ):
+            x, y = to_arrays(block)
+            order = rng.permutation(len(y))
+            yield scale(torch.from_numpy(x[order])), torch.from_numpy(y[order])
+
+    for xb, yb in local_batches(blocks(), local_batch):
+        yield xb, yb, len(yb) * world
 
 
 def piece_batches(
@@ -148,42 +163,24 @@ def piece_batches(
     def global_rows(step: int) -> int:
         return sum(min(local_batch, max(0, n - step * local_batch)) for n in counts)
 
-    step = 0
-    left_x = left_y = None
-    rng = np.random.default_rng([seed, epoch, rank])
-
     def prepare(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return scale(torch.from_numpy(x)), torch.from_numpy(y)  # in the reading thread
 
-    for x, y in pieces.windows(shares[rank], rng, prepare):
-        start = 0
-        if left_y is not None and len(left_y):  # complete the batch begun in the last window
-            start = min(local_batch - len(left_y), len(y))
-            left_x, left_y = torch.cat([left_x, x[:start]]), torch.cat([left_y, y[:start]])
-            if len(left_y) < local_batch:
-                continue
-            yield left_x, left_y, global_rows(step)
-            step += 1
-        end = start + (len(y) - start) // local_batch * local_batch
-        for i in range(start, end, local_batch):
-            yield x[i : i + local_batch], y[i : i + local_batch], global_rows(step)
-            step += 1
-        left_x, left_y = x[end:], y[end:]
-    if left_y is not None and len(left_y):
-        yield left_x, left_y, global_rows(step)
-        step += 1
+    rng = np.random.default_rng([seed, epoch, rank])
+    windows = pieces.windows(shares[rank], rng, prepare)
+    step = 0
+    for step, (xb, yb) in enumerate(local_batches(windows, local_batch), start=1):
+        yield xb, yb, global_rows(step - 1)
     for later in range(step, steps):  # this worker's rows ran out before the others'
         yield torch.zeros(0, features), torch.zeros(0, dtype=torch.int64), global_rows(later)
 
 
-def streamed_val_batches(shard, scale: Callable):
-    """This worker's share of the validation rows, block by block, in ``_VAL_BATCH`` batches."""
-    for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-        x, y = to_arrays(block)
-        for start in range(0, len(y), _VAL_BATCH):
-            # Copied (a batch's worth) out of the object store's read-only buffers.
-            xb = torch.tensor(x[start : start + _VAL_BATCH])
-            yield scale(xb), torch.tensor(y[start : start + _VAL_BATCH])
+def val_batches_of(arrays: Iterator[tuple[np.ndarray, np.ndarray]], scale: Callable):
+    """Validation rows, arrays at a time, in ``_VAL_BATCH`` batches of tensors, scaled."""
+    for x, y in arrays:
+        for i in range(0, len(y), _VAL_BATCH):
+            # Copied, a batch's worth: the arrays may be the object store's read-only buffers.
+            yield scale(torch.tensor(x[i : i + _VAL_BATCH])), torch.tensor(y[i : i + _VAL_BATCH])
 
 
 def train_epoch(
@@ -263,22 +260,22 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
     if args.train_pieces is not None:
         train, val = args.train_pieces, args.val_pieces
 
-        def piece_val_batches():
-            for x, y in val.read(val.deal(world)[rank]):
-                for i in range(0, len(y), _VAL_BATCH):
-                    xb = torch.from_numpy(x[i : i + _VAL_BATCH])
-                    yield scale(xb), torch.from_numpy(y[i : i + _VAL_BATCH])
-
         return (
             lambda epoch: piece_batches(
                 train, args.features, local, cfg.seed, epoch, rank, world, scale
             ),
-            piece_val_batches,
+            lambda: val_batches_of(val.read(val.deal(world)[rank]), scale),
         )
     shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     return (
         lambda epoch: streamed_batches(shard, local, cfg.seed, epoch, rank, world, scale),
-        lambda: streamed_val_batches(val_shard, scale),
+        lambda: val_batches_of(
+            (
+                to_arrays(block)
+                for block in val_shard.iter_batches(batch_size=None, batch_format="pyarrow")
+            ),
+            scale,
+        ),
     )
 
 
