@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from raytrain.data import csvfiles
 from raytrain.data.files import DataError, Source, features_of, in_validation, read_mapped
 from raytrain.data.pieces import Piece
+from raytrain.data.scaling import moments
 
 _PATH = "path"  # the column Ray Data adds with include_paths=True
 
@@ -119,15 +120,9 @@ def scan_row_groups(
                 found["val_rows"] = int(held_out.sum())
                 found["held_out"] = np.packbits(held_out).tobytes()
                 train = x[~held_out]
-            found["moments"] = _moments(train) if not found["nonfinite"] else None
+            found["moments"] = moments(train) if not found["nonfinite"] else None
             out.append(found)
     return out
-
-
-def _moments(x: np.ndarray) -> dict:
-    mean = x.mean(axis=0, dtype=np.float64) if len(x) else np.zeros(x.shape[1])
-    centred = x.astype(np.float64) - mean
-    return {"n": len(x), "mean": mean, "m2": np.einsum("ij,ij->j", centred, centred)}
 
 
 def scan_parquet(source: Source, val_fraction: float, threads: int = 0) -> ParquetScan:

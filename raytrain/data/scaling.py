@@ -35,13 +35,18 @@ class Scaling:
         return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
+def moments(x: np.ndarray) -> dict:
+    """The row count, mean and sum of squared deviations per feature (float64) of rows ``x``."""
+    mean = x.mean(axis=0, dtype=np.float64) if len(x) else np.zeros(x.shape[1])
+    centred = x.astype(np.float64) - mean
+    return {"n": len(x), "mean": mean, "m2": np.einsum("ij,ij->j", centred, centred)}
+
+
 def partial_moments(batch: pa.Table) -> pa.Table:
-    """One batch's row count, mean and sum of squared deviations per feature (float64)."""
+    """``moments`` of one batch of ``x``/``y`` rows, as a one-row table (a Ray Data map)."""
     column = batch.column(FEATURES).combine_chunks()
-    x = column.flatten().to_numpy().reshape(len(column), -1).astype(np.float64)
-    mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
-    m2 = ((x - mean) ** 2).sum(axis=0)
-    return pa.table({"n": [len(x)], "mean": [mean.tolist()], "m2": [m2.tolist()]})
+    part = moments(column.flatten().to_numpy().reshape(len(column), -1))
+    return pa.table({k: [v.tolist() if k != "n" else v] for k, v in part.items()})
 
 
 def combine(parts: list[dict]) -> Scaling:
