@@ -4,6 +4,8 @@
     raytrain data generate --rows 10000000 --out data/big
     raytrain report runs/RUN                      # report.png + report.html in the run directory
     raytrain runs [STORAGE_PATH]                  # the runs under a storage path
+    raytrain predict RUN --data PATH --out DIR    # = python -m raytrain.predict
+    raytrain export RUN --format onnx --out FILE  # = python -m raytrain.export
 
 ``train``'s flags are derived from the config schema (raytrain.config): ``--section.field VALUE``
 for every field, and the short flags the schema names (``--workers``, ``--lr``, ...). Every error
@@ -21,7 +23,7 @@ from raytrain import config
 from raytrain.errors import EXIT_OK, EXIT_USAGE, UserError
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is the same one line as every other error."""
 
     def error(self, message: str) -> NoReturn:
@@ -77,7 +79,7 @@ _TRAIN = "Data-parallel PyTorch training on CPUs with Ray Train. " + config.PREC
 
 def build_train_parser(prog: str) -> argparse.ArgumentParser:
     """The parser of ``python -m raytrain.main``: the same as ``raytrain train``'s."""
-    parser = _Parser(prog=prog, description=_TRAIN, usage="%(prog)s [options]")
+    parser = Parser(prog=prog, description=_TRAIN, usage="%(prog)s [options]")
     add_train_args(parser)
     return parser
 
@@ -159,13 +161,13 @@ def add_report_parsers(sub) -> None:
 
 
 def build_parser(prog: str = "raytrain") -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=prog,
         description="Data-parallel PyTorch training on CPUs with Ray: one command on a laptop, "
         "the same command on a cluster of CPU nodes.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
     train = sub.add_parser(
         "train", help="train a model", description=_TRAIN, usage="%(prog)s [options]"
@@ -173,7 +175,28 @@ def build_parser(prog: str = "raytrain") -> argparse.ArgumentParser:
     add_train_args(train)
     add_data_parser(sub)
     add_report_parsers(sub)
+    add_use_parsers(sub)
     return parser
+
+
+def add_use_parsers(sub) -> None:
+    """``predict`` and ``export``: what a trained model is for."""
+    from raytrain import export, predict
+
+    predict.add_args(
+        sub.add_parser(
+            "predict",
+            help="score Parquet rows with a trained model, on Ray",
+            description=predict.__doc__.splitlines()[0],
+        )
+    )
+    export.add_args(
+        sub.add_parser(
+            "export",
+            help="write a trained model as ONNX or TorchScript",
+            description=export.__doc__.splitlines()[0],
+        )
+    )
 
 
 # ---- running a command ---------------------------------------------------------------------------
@@ -229,6 +252,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "raytrain") -> int:
         from raytrain import main as training
 
         return training.train(args, program=f"{prog} train")
+    if args.command in ("predict", "export"):
+        from raytrain import export, predict
+
+        return predict.predict(args) if args.command == "predict" else export.export(args)
     commands = {"data": generate, "report": report, "runs": list_runs}
     try:
         return commands[args.command](args)

@@ -299,7 +299,7 @@ def probe(address: str) -> None:
             "node's host:port (Ray's default port is 6379) and that the cluster is running"
         ) from None
     try:
-        with _stderr_to_devnull():  # Ray's C++ client logs the refusal there as well
+        with stderr_to_devnull():  # Ray's C++ client logs the refusal there as well
             ray._raylet.GcsClient(address=gcs)
     except ray.exceptions.AuthenticationError:
         raise ClusterError(
@@ -315,7 +315,7 @@ def probe(address: str) -> None:
 
 
 @contextmanager
-def _stderr_to_devnull() -> Iterator[None]:
+def stderr_to_devnull() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null for a while: what native code writes there too."""
     sys.stderr.flush()
     saved = os.dup(2)

@@ -22,13 +22,21 @@ def tally(
     confusion = torch.zeros(classes, classes, dtype=torch.int64)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for x, y in batches:
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        confusion += torch.bincount(
-            y * classes + logits.argmax(dim=1), minlength=classes * classes
-        ).view(classes, classes)
+        loss, counts = tally_logits(model(x), y, classes)
+        loss_sum += loss
+        confusion += counts
     model.train(was_training)
     return loss_sum.item(), confusion
+
+
+def tally_logits(
+    logits: torch.Tensor, y: torch.Tensor, classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy loss of one batch's ``logits`` against labels ``y``, and its
+    confusion matrix (``tally``'s sums of one batch)."""
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    confusion = torch.bincount(y * classes + logits.argmax(dim=1), minlength=classes * classes)
+    return loss, confusion.view(classes, classes)
 
 
 def summarize(loss_sum: float, confusion: torch.Tensor) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from raytrain.errors import TrainingStopped
 from raytrain.evaluate import summarize
 from raytrain.storage import Location
 from raytrain.train import checkpoint
-from raytrain.train.stopping import mode_of
+from raytrain.train.stopping import best_of, mode_of
 
 _VAL_BATCH = 4096
 
@@ -54,9 +54,9 @@ def best_checkpoint(result: ray.train.Result, cfg: Config, run_dir: Location) ->
     """Among the checkpoints Ray Train kept, the best by ``run.checkpoint_metric``: its epoch,
     path, the metric's value and why it was chosen."""
     metric = cfg.run.checkpoint_metric
-    sign = 1 if mode_of(metric) == "min" else -1
-    kept = [(c, m) for c, m in result.best_checkpoints or [] if m.get(metric) is not None]
-    if not kept:
+    chosen = best_of(result.best_checkpoints or [], metric)
+    kept = [m for _, m in result.best_checkpoints or [] if m.get(metric) is not None]
+    if chosen is None:
         latest = result.checkpoint
         return {
             "checkpoint": _located(latest, run_dir),
@@ -65,8 +65,8 @@ def best_checkpoint(result: ray.train.Result, cfg: Config, run_dir: Location) ->
             "value": None,
             "why": f"the latest checkpoint: none of them has {metric}",
         }
-    chosen, metrics = min(kept, key=lambda cm: (sign * cm[1][metric], cm[1]["epoch"]))
-    word = "lowest" if sign == 1 else "highest"
+    chosen, metrics = chosen
+    word = "lowest" if mode_of(metric) == "min" else "highest"
     return {
         "checkpoint": _located(chosen, run_dir),
         "epoch": metrics["epoch"],

@@ -40,7 +40,7 @@ class Source:
     filesystem: pafs.FileSystem
     files: tuple[str, ...]
     feature_columns: tuple[str, ...]
-    label_column: str
+    label_column: str | None  # None: rows to predict, without labels
     width: int | None  # features per row when the schema fixes it (else checked by the scan)
     format: str = "parquet"  # or "csv"
     # Parquet: every row group as (file, index, rows), from the footers. Workers read these
@@ -49,11 +49,23 @@ class Source:
 
     @property
     def columns(self) -> list[str]:
-        return [*self.feature_columns, self.label_column]
+        return [*self.feature_columns, *([self.label_column] if self.label_column else [])]
 
 
-def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source:
-    """List the Parquet files at ``path`` and check their columns and types (footers only)."""
+# What a missing column's error advises, by default (training's config names the columns).
+_COLUMNS_HINT = "set data.feature_columns and data.label_column to the right names"
+
+
+def find(
+    path: str,
+    feature_columns: Sequence[str],
+    label_column: str | None,
+    also: Sequence[str] = (),
+    hint: str = _COLUMNS_HINT,
+) -> Source:
+    """List the Parquet files at ``path`` and check their columns and types (footers only):
+    the features, the label (if any) and the columns ``also`` named; ``hint`` is what an error
+    about a missing column advises."""
     try:
         where = Location.of(path)  # a local path made absolute, or a URI
     except StorageError as e:
@@ -84,7 +96,9 @@ def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source
     width = None
     row_groups: list[tuple[str, int, int]] = []
     for file in files:
-        file_width, groups = _check_schema(fs, file, tuple(feature_columns), label_column, kind)
+        file_width, groups = _check_schema(
+            fs, file, (tuple(feature_columns), label_column, tuple(also), hint), kind
+        )
         row_groups += [(file, i, rows) for i, rows in enumerate(groups)]
         if width is not None and file_width is not None and file_width != width:
             raise DataError(
@@ -98,7 +112,7 @@ def find(path: str, feature_columns: Sequence[str], label_column: str) -> Source
 
 
 def _check_schema(
-    fs: pafs.FileSystem, file: str, feature_columns: tuple[str, ...], label: str, kind: str
+    fs: pafs.FileSystem, file: str, wanted: tuple, kind: str
 ) -> tuple[int | None, list[int]]:
     """The file's features per row (None if the scan must tell) and its row groups' sizes."""
     try:
@@ -110,22 +124,18 @@ def _check_schema(
             schema, groups = csvfiles.schema(fs, file), []
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{file}: not a readable {kind.upper()} file ({e})") from None
-    return _width(file, schema, feature_columns, label, kind), groups
+    return _width(file, schema, wanted, kind), groups
 
 
-def _width(
-    file: str, schema: pa.Schema, feature_columns: tuple[str, ...], label: str, kind: str
-) -> int | None:
+def _width(file: str, schema: pa.Schema, wanted: tuple, kind: str) -> int | None:
+    feature_columns, label, also, hint = wanted
     names = schema.names
-    for column in (*feature_columns, label):
+    for column in (*feature_columns, *([label] if label else []), *also):
         if column not in names:
-            raise DataError(
-                f"{file}: no column {column!r} (it has {', '.join(names)}); set "
-                "data.feature_columns and data.label_column to the right names"
-            )
+            raise DataError(f"{file}: no column {column!r} (it has {', '.join(names)}); {hint}")
     if kind == "csv":
         return len(feature_columns)  # types are checked value by value as the rows are read
-    label_type = schema.field(label).type
+    label_type = schema.field(label).type if label else pa.int64()
     if not pa.types.is_integer(label_type):
         raise DataError(
             f"{file}: label column {label!r} is {label_type}; labels must be integers 0..classes-1"

@@ -385,6 +385,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
         if save:
             state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
             extra = {"config": cfg.to_dict(), "scaling": scaling, "watch": watch.state()}
+            extra["shape"] = {"features": args.features, "classes": args.classes}
             places = [{k: s[k] for k in PLACE} for s in starts]
             extra["validation"] = {**whole, "epoch": done, "workers": places}
             checkpoint.report(rank, done, totals, **state, **extra)

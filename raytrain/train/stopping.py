@@ -4,14 +4,28 @@ keeps its own copy and feeds it the same gathered numbers, so all stop after the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from raytrain.config import Config
+
+T = TypeVar("T")
 
 
 def mode_of(metric: str) -> str:
     """'min' for a loss, 'max' for an accuracy."""
     return "min" if metric.endswith("loss") else "max"
+
+
+def best_of(
+    candidates: list[tuple[T, dict[str, Any]]], metric: str
+) -> tuple[T, dict[str, Any]] | None:
+    """The ``(item, metrics)`` with the best ``metric`` (the earliest epoch among equals); None
+    if no metrics carry it. The rule that picks a run's best checkpoint, wherever it is asked."""
+    kept = [(item, m) for item, m in candidates if m.get(metric) is not None]
+    if not kept:
+        return None
+    sign = 1 if mode_of(metric) == "min" else -1
+    return min(kept, key=lambda im: (sign * im[1][metric], im[1]["epoch"]))
 
 
 class Watch:

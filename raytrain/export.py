@@ -1,0 +1,217 @@
+"""``raytrain export`` (also ``python -m raytrain.export``): a trained model as one file that maps
+raw features to logits on its own, the feature scaling folded in, for a service without Ray.
+
+    raytrain export RUN --format onnx --out model.onnx          # needs pip install raytrain[export]
+    raytrain export RUN --format torchscript --out model.pt
+
+ONNX is written by PyTorch's exporter (``torch.onnx.export(dynamo=True)``) with a dynamic batch
+dimension and checked with onnx's checker; TorchScript by ``torch.jit.script``, or
+``torch.jit.trace`` for a model that cannot be scripted. Either way the written file is loaded
+back (onnxruntime; ``torch.jit.load``) and compared with the PyTorch model before the command
+says it is done. Both carry the feature column names, the class count and the checkpoint in their
+metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from raytrain import cli, config
+from raytrain.errors import EXIT_OK, UserError, first_line
+from raytrain.storage import Location, StorageError
+
+PROG = "python -m raytrain.export"
+FORMATS = ("onnx", "torchscript")
+INPUT, OUTPUT = "features", "logits"  # the ONNX graph's input and output names
+METADATA = "raytrain.json"  # TorchScript's extra file / ONNX's metadata key
+_CHECK_ROWS = 1000
+TOLERANCE = 1e-5  # the largest difference from the PyTorch model an export may have
+
+
+class ExportError(UserError):
+    """A model that cannot be exported, or an export that does not reproduce the model."""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "target",
+        metavar="RUN|CHECKPOINT",
+        help="A run (its name under --storage-path, or its directory): its best checkpoint; "
+        "or a checkpoint directory.",
+    )
+    parser.add_argument("--format", required=True, choices=FORMATS, help="The file's format.")
+    parser.add_argument("--out", required=True, metavar="FILE", help="The file to write.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    parser.add_argument(
+        "--storage-path",
+        default=config.RunConfig().storage_path,
+        help="Where runs are found by name (default: %(default)s).",
+    )
+
+
+def export(args: argparse.Namespace) -> int:
+    """Run the export command; returns the exit code."""
+    try:
+        try:
+            out = Location.of(args.out)
+        except StorageError as e:
+            raise UserError(str(e)) from None
+        if out.exists() and not args.overwrite:
+            raise UserError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+        if args.format == "onnx":
+            _need_onnx()
+        from raytrain.trained import load
+
+        trained = load(args.target, args.storage_path)
+        data, difference = to_bytes(trained, args.format)
+        out.write_bytes(data)  # whole or not at all
+    except UserError as e:
+        return cli.error(str(e))
+    print(
+        f"wrote {out} ({args.format}, {len(data) / 1e3:,.1f} kB): {trained.checkpoint} "
+        f"(epoch {trained.epoch}, {trained.why}), {trained.features} features "
+        f"({', '.join(trained.feature_columns)}) -> {trained.classes} logits; largest "
+        f"difference from PyTorch on {_CHECK_ROWS:,} rows {difference:.1e}"
+    )
+    return EXIT_OK
+
+
+def to_bytes(trained, fmt: str) -> tuple[bytes, float]:
+    """The exported model as file contents, and its largest difference from the PyTorch model
+    on sample rows. ExportError if the model cannot be exported or the file does not agree."""
+    import torch
+
+    model = trained.model()
+    rows = sample_rows(trained)
+    with torch.no_grad():
+        expected = model(rows).numpy()
+    with warnings.catch_warnings(), _quiet_torch_logs():
+        warnings.simplefilter("ignore")  # torch.jit and the exporters' deprecation notes
+        if fmt == "onnx":
+            data = _onnx(model, trained)
+            got = run_onnx(data, rows.numpy())
+        else:
+            data = _torchscript(model, trained, rows)
+            loaded = torch.jit.load(io.BytesIO(data))
+            with torch.no_grad():
+                got = loaded(rows).numpy()
+    difference = float(abs(got - expected).max())
+    if not difference <= TOLERANCE:
+        raise ExportError(
+            f"the {fmt} export of model {trained.config.model.name!r} differs from the PyTorch "
+            f"model by up to {difference:.2g} on {_CHECK_ROWS} rows; not written"
+        )
+    return data, difference
+
+
+def sample_rows(trained):
+    """Rows like the training data: the training split's mean and spread, seeded."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(_CHECK_ROWS, trained.features, generator=generator)
+    if trained.scaling is not None:
+        x = x * torch.tensor(trained.scaling.std) + torch.tensor(trained.scaling.mean)
+    return x.float()
+
+
+def _onnx(model, trained) -> bytes:
+    import onnx
+    import torch
+
+    example = sample_rows(trained)[:2]
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    except Exception as e:  # the exporter raises many kinds: each means "this model cannot"
+        raise ExportError(_cannot(trained, "ONNX", e)) from None
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA, json.dumps(trained.describe())
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(_cannot(trained, "ONNX", e)) from None
+    return proto.SerializeToString()
+
+
+def run_onnx(data: bytes, rows):
+    """The logits of an ONNX model (file contents) for ``rows`` (a float32 array), by
+    onnxruntime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT], {INPUT: rows})[0]
+
+
+def _torchscript(model, trained, rows) -> bytes:
+    import torch
+
+    try:
+        compiled = torch.jit.script(model)
+    except Exception:  # not scriptable (Python the compiler does not take): trace it instead
+        try:
+            compiled = torch.jit.trace(model, rows[:2], check_inputs=[(rows,)])
+        except Exception as e:
+            raise ExportError(_cannot(trained, "TorchScript", e)) from None
+    buffer = io.BytesIO()
+    torch.jit.save(compiled, buffer, _extra_files={METADATA: json.dumps(trained.describe())})
+    return buffer.getvalue()
+
+
+def _cannot(trained, fmt: str, error: BaseException) -> str:
+    reason = first_line(error)
+    if len(reason) > 200:
+        reason = reason[:200].rsplit(" ", 1)[0] + " ..."
+    return (
+        f"model {trained.config.model.name!r} cannot be exported to {fmt}: "
+        f"{type(error).__name__}: {reason}"
+    )
+
+
+def _need_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"--format onnx needs the export extra ({e.name} is missing): "
+            'pip install -e ".[export]" (onnx, onnxruntime, onnxscript)'
+        ) from None
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """The ONNX exporter logs warnings about optional packages (torchvision) it skips."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
+    add_args(parser)
+    return export(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""``raytrain predict`` (also ``python -m raytrain.predict``): score Parquet rows with a trained
+model on Ray and write the predictions as Parquet; with ``--label``, also measure the model.
+
+    raytrain predict RUN --data new.parquet --out predictions/ --keep id
+    raytrain predict runs/RUN/checkpoint_epoch_000010 --data s3://bucket/rows --out preds/
+    raytrain predict RUN --data val.parquet --out scored/ --label y   # + accuracy, loss, confusion
+
+Everything a user can get wrong is checked before any actor starts (exit 2, one line): the run or
+checkpoint and its hash, the data's columns, types and width, the output path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from raytrain import cli, config
+from raytrain.errors import EXIT_INTERRUPTED, EXIT_OK, UserError
+from raytrain.report.console import Console
+from raytrain.storage import Location, StorageError
+
+PROG = "python -m raytrain.predict"
+_PROGRESS_EVERY_S = 10.0
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "target",
+        metavar="RUN|CHECKPOINT",
+        help="A run (its name under --storage-path, or its directory): its best checkpoint by "
+        "the run's checkpoint metric; or a checkpoint directory.",
+    )
+    parser.add_argument("--data", required=True, help="Parquet file or directory, or a URI.")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="Directory for the predictions (part-NNNNN.parquet), local or a URI.",
+    )
+    parser.add_argument(
+        "--keep",
+        default="",
+        metavar="COLUMNS",
+        help="Comma-separated input columns to copy beside each prediction (e.g. id,date).",
+    )
+    parser.add_argument(
+        "--label",
+        metavar="COLUMN",
+        help="The data's label column: also report accuracy, loss and the confusion matrix "
+        "(printed, and written to _metrics.json in --out).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=65536,
+        help="Rows per model call in each actor (default: %(default)s).",
+    )
+    add_cluster_args(parser, what="prediction actors")
+
+
+def add_cluster_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """The cluster flags training has, for a command that runs on Ray."""
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        help=f"How many {what}, or an elastic range MIN-MAX (default: "
+        f"{config.ScalingConfig().workers}).",
+    )
+    parser.add_argument(
+        "--cpus-per-worker",
+        metavar="X",
+        help="CPUs reserved per actor; torch uses that many threads (default: 1, or a share "
+        "of the cores when an embedded Ray has fewer cores than actors).",
+    )
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to run on, HOST:PORT or auto (default: RAY_ADDRESS, else an "
+        "embedded Ray on this machine).",
+    )
+    parser.add_argument(
+        "--storage-path",
+        default=config.RunConfig().storage_path,
+        help="Where runs are found by name (default: %(default)s).",
+    )
+    parser.add_argument("--verbose", action="store_true", help="Show Ray's own logs.")
+
+
+def cluster_config(args: argparse.Namespace, data: str, writes_to: Location) -> config.Config:
+    """A Config for ``cluster.connect``: the scaling and address flags, the data read (which
+    needs a CPU of its own on a cluster) and where the output goes (which every node must
+    reach)."""
+    flags: dict[str, Any] = {
+        "run.address": args.address,
+        "run.verbose": args.verbose or None,
+        "run.storage_path": str(writes_to),
+        "data.path": data,
+    }
+    if args.workers is not None:
+        flags["scaling.workers"] = config.parse_value(args.workers, "scaling.workers")
+    if args.cpus_per_worker is not None:
+        flags["scaling.cpus_per_worker"] = config.parse_value(
+            args.cpus_per_worker, "scaling.cpus_per_worker"
+        )
+    return config.load(flags={k: v for k, v in flags.items() if v is not None})
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def prepare(args: argparse.Namespace):
+    """Every check before Ray starts: the model, the data, the output. Returns (Trained, Source,
+    output Location, keep). Raises UserError."""
+    from raytrain.data import files
+    from raytrain.inference import PREDICTION, PROBABILITIES
+    from raytrain.trained import load
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    keep = _columns(args.keep)
+    clash = {PREDICTION, PROBABILITIES} & set(keep)
+    if clash:
+        raise UserError(
+            f"--keep {args.keep!r}: the output's own columns are {PREDICTION!r} and "
+            f"{PROBABILITIES!r}; rename {', '.join(sorted(clash))} in the data or leave it out"
+        )
+    try:
+        out, data = Location.of(args.out), Location.of(args.data)
+    except StorageError as e:
+        raise UserError(str(e)) from None
+    trained = load(args.target, args.storage_path)
+    columns = ", ".join(trained.feature_columns)
+    source = files.find(
+        args.data,
+        trained.feature_columns,
+        args.label,
+        also=keep,
+        hint=f"the model reads feature column(s) {columns}; --keep and --label name columns "
+        "of the data",
+    )
+    if source.format != "parquet":
+        raise UserError(f"--data {args.data!r} holds CSV files; raytrain predict reads Parquet")
+    if source.width is not None and source.width != trained.features:
+        raise UserError(
+            f"--data {args.data!r} has {source.width} features per row in {columns}, but the "
+            f"model was trained on {trained.features}"
+        )
+    if out.fs.type_name == data.fs.type_name and (
+        out.path == data.path or out.path.startswith(data.path.rstrip("/") + "/")
+    ):
+        raise UserError(f"--out {args.out!r} is inside --data {args.data!r}; write elsewhere")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+    return trained, source, out, keep
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Run the predict command; returns the exit code."""
+    console = Console()
+    started = time.perf_counter()
+    staging = None
+    try:
+        trained, source, out, keep = prepare(args)
+        cfg = cluster_config(args, args.data, out.parent)
+        from raytrain import inference
+        from raytrain.cluster import connect
+
+        units = inference.units_of(source)
+        with connect(cfg) as plan:
+            console.header(header(trained, source, plan, out))
+            staging = inference.staging_for(out)
+            job = inference.Job(
+                checkpoint=str(trained.checkpoint),
+                source=source,
+                staging=staging,
+                keep=keep,
+                label=args.label,
+                batch_rows=args.batch_size,
+                threads=plan.threads,
+                units=units,
+            )
+            began = time.perf_counter()
+            totals = inference.run(
+                job,
+                plan.workers,
+                plan.cpus_per_worker,
+                plan.min_workers,
+                cfg.run.verbose,
+                Progress(console, sum(u.rows for u in units)),
+            )
+            seconds = time.perf_counter() - began
+            metrics = _metrics(totals, args.label, trained) if args.label else None
+            manifest = _manifest(trained, source, out, job, totals, plan, seconds)
+            inference.publish(staging, out, manifest, metrics)
+            staging = None
+        summary(console, out, manifest, metrics, time.perf_counter() - started)
+    except UserError as e:
+        return cli.error(str(e))
+    except KeyboardInterrupt:
+        console.line(f"raytrain: interrupted; nothing was written to {args.out}")
+        return EXIT_INTERRUPTED
+    finally:
+        if staging is not None:
+            from raytrain.inference import discard
+
+            discard(staging)
+    return EXIT_OK
+
+
+class Progress:
+    """A line every ten seconds while units finish: rows done, share and rate."""
+
+    def __init__(self, console: Console, total: int):
+        self.console, self.total = console, total
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, rows: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < _PROGRESS_EVERY_S or rows >= self.total:
+            return
+        self.last = now
+        rate = rows / (now - self.started)
+        self.console.line(
+            f"predicted {rows:,} of {self.total:,} rows ({rows / self.total:.0%}), "
+            f"{rate:,.0f} rows/s"
+        )
+
+
+def header(trained, source, plan, out: Location) -> list[tuple[str, str]]:
+    where = "embedded Ray on this machine" if plan.embedded else f"Ray cluster at {plan.address}"
+    rows = sum(count for _, _, count in source.row_groups)
+    epoch = f"epoch {trained.epoch}, {trained.why}"
+    items = [
+        ("model", f"{trained.checkpoint} ({epoch})"),
+        ("data", f"{rows:,} rows in {len(source.files)} Parquet file(s)"),
+        (
+            "actors",
+            f"{plan.workers_text} x {plan.cpus_per_worker:g} CPU, {plan.threads} torch thread(s) "
+            f"each, {where}",
+        ),
+        ("out", str(out)),
+    ]
+    if plan.note:
+        items.insert(3, ("note", plan.note.replace("workers", "actors")))
+    return items
+
+
+def _metrics(totals: dict[str, Any], label: str, trained) -> dict[str, Any]:
+    import torch
+
+    from raytrain.evaluate import summarize
+
+    if not totals["rows"]:
+        raise UserError("--label: the data has no rows to measure the model on")
+    metrics = summarize(totals["loss_sum"], torch.tensor(totals["confusion"].tolist()))
+    return {**metrics, "label_column": label, **trained.describe()}
+
+
+def _manifest(trained, source, out, job, totals, plan, seconds: float) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "out": str(out),
+        "data": [str(Location(source.filesystem, f)) for f in source.files],
+        "rows": totals["rows"],
+        "columns": [*job.keep, "prediction", "probabilities"],
+        "label_column": job.label,
+        "model": trained.describe(),
+        "files": [
+            {"name": u.out_name, "input": u.file, "row_groups": list(u.row_groups), "rows": u.rows}
+            for u in job.units
+        ],
+        "actors": plan.workers_text,
+        "cpus_per_actor": plan.cpus_per_worker,
+        "seconds": {"ray_start": plan.ray_start_s, "prediction": seconds},
+        "rows_per_s": totals["rows"] / seconds if seconds else None,
+    }
+
+
+def summary(console: Console, out, manifest, metrics, wall: float) -> None:
+    rows, seconds = manifest["rows"], manifest["seconds"]["prediction"]
+    console.line(
+        f"predicted {rows:,} rows in {seconds:.1f} s ({manifest['rows_per_s'] or 0:,.0f} rows/s) "
+        f"into {len(manifest['files'])} file(s)"
+    )
+    if metrics is not None:
+        console.line(
+            f"{metrics['label_column']}: acc {metrics['accuracy']:.1%}  loss {metrics['loss']:.4f}"
+            f"  ({metrics['rows']:,} rows; confusion, true x predicted: {metrics['confusion']})"
+        )
+    console.line(f"done in {wall:.1f} s; predictions in {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
+    add_args(parser)
+    return predict(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

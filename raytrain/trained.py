@@ -1,0 +1,165 @@
+"""A trained model, ready to use outside training: find a run's best checkpoint (or take a
+checkpoint by its path), load it with the same hash check as a resume, rebuild the model, and fold
+the feature scaling into it, so that raw features go in and logits come out (``ScaledModel``).
+Prediction (raytrain.inference) and export (raytrain.export) start here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from raytrain import config, runs
+from raytrain.data.scaling import Scaling
+from raytrain.errors import UserError
+from raytrain.model import build_model
+from raytrain.storage import Location, StorageError
+from raytrain.train import checkpoint
+from raytrain.train.stopping import best_of, mode_of
+
+
+class ScaledModel(nn.Module):
+    """A trained model with its feature scaling in front: ``model((x - mean) / std)``, the same
+    arithmetic as training's ``Scaling.apply`` (a standard deviation of 0 divides by 1)."""
+
+    def __init__(self, model: nn.Module, scaling: Scaling | None, features: int):
+        super().__init__()
+        self.model = model
+        mean = torch.tensor(scaling.mean if scaling else [0.0] * features, dtype=torch.float32)
+        std = torch.tensor(scaling.std if scaling else [1.0] * features, dtype=torch.float32)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", torch.where(std > 0, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a checkpoint holds, checked: the run's config, the data's shape, the scaling and the
+    weights."""
+
+    checkpoint: Location
+    why: str  # why this checkpoint was chosen, for the console
+    epoch: int
+    config: config.Config
+    features: int
+    classes: int
+    scaling: Scaling | None
+    weights: dict[str, torch.Tensor]
+
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        return self.config.data.feature_columns
+
+    def model(self) -> ScaledModel:
+        """A fresh copy of the trained model, scaling folded in, in eval mode."""
+        model = build_model(self.config.model, self.features, self.classes)
+        model.load_state_dict(self.weights)
+        return ScaledModel(model, self.scaling, self.features).eval()
+
+    def describe(self) -> dict[str, Any]:
+        """What an exported file or a prediction records about its model."""
+        return {
+            "checkpoint": str(self.checkpoint),
+            "epoch": self.epoch,
+            "model": self.config.model.name,
+            "feature_columns": list(self.feature_columns),
+            "features": self.features,
+            "classes": self.classes,
+            "scaled": self.scaling is not None,
+        }
+
+
+def find_checkpoint(target: str, storage_path: str) -> tuple[Location, str]:
+    """The checkpoint ``target`` names, and why it was chosen: a checkpoint directory itself, or
+    a run (its directory, or its name under ``storage_path``), whose best checkpoint by the run's
+    ``run.checkpoint_metric`` is taken (its latest, where no checkpoint carries the metric)."""
+    try:
+        candidates = [Location.of(target), Location.of(storage_path) / target]
+    except StorageError as e:
+        raise UserError(f"{target!r}: {e}") from None
+    for place in candidates:
+        if (place / checkpoint.META_FILE).is_file():
+            return place, "the checkpoint given"
+        if (place / runs.CONFIG_FILE).is_file():
+            return best_in_run(place)
+    raise UserError(
+        f"{target!r} is not a checkpoint (a directory with {checkpoint.META_FILE}), a run "
+        f"directory (with {runs.CONFIG_FILE}) or the name of a run under {storage_path!r}; "
+        "`raytrain runs` lists the runs"
+    )
+
+
+def best_in_run(run_dir: Location) -> tuple[Location, str]:
+    """The run's best checkpoint among those on storage, by the rule training uses to pick it."""
+    metric = runs.saved_config(run_dir).get("run", {}).get("checkpoint_metric", "val_loss")
+    kept = []
+    for child in run_dir.children():
+        if child.name.startswith("checkpoint_epoch_"):
+            meta = runs.read_json(child / checkpoint.META_FILE)
+            if meta is not None and "epoch" in meta:
+                kept.append((child, {**meta.get("metrics", {}), "epoch": meta["epoch"]}))
+    if not kept:
+        raise UserError(
+            f"run {run_dir.name!r} in {str(run_dir.parent)!r} has no checkpoint yet (one is "
+            "written at the end of training and every train.checkpoint_every epochs)"
+        )
+    chosen = best_of(kept, metric)
+    if chosen is None:
+        latest = max(kept, key=lambda cm: cm[1]["epoch"])[0]
+        return latest, f"the run's latest: no checkpoint carries {metric}"
+    word = "lowest" if mode_of(metric) == "min" else "highest"
+    return chosen[0], f"the run's best: the {word} {metric} of {len(kept)} checkpoint(s)"
+
+
+def load(target: str, storage_path: str = config.RunConfig().storage_path) -> Trained:
+    """The trained model ``target`` names (see ``find_checkpoint``), checked and ready to build.
+    UserError for a target that does not exist, a damaged checkpoint or a model that cannot be
+    built."""
+    where, why = find_checkpoint(target, storage_path)
+    return load_checkpoint(where, why)
+
+
+def load_checkpoint(where: Location | str, why: str = "the checkpoint given") -> Trained:
+    """Load one checkpoint directory (a path or URI) after its SHA-256 check."""
+    where = Location.of(where)
+    state = checkpoint.load_at(where)
+    cfg = config.load(base=state["config"])
+    features, classes = _shape(state, where)
+    scaling = state.get("scaling")
+    trained = Trained(
+        checkpoint=where,
+        why=why,
+        epoch=state["epoch"],
+        config=cfg,
+        features=features,
+        classes=classes,
+        scaling=Scaling(tuple(scaling["mean"]), tuple(scaling["std"])) if scaling else None,
+        weights=state["model"],
+    )
+    try:
+        trained.model()  # a custom class that is gone or changed: say so now, in one line
+    except RuntimeError as e:
+        raise UserError(
+            f"checkpoint {str(where)!r}: its weights do not fit model {cfg.model.name!r} as "
+            f"it is defined now ({str(e).splitlines()[0]})"
+        ) from None
+    return trained
+
+
+def _shape(state: dict[str, Any], where: Location) -> tuple[int, int]:
+    """Features per row and classes: recorded in the checkpoint, or (older checkpoints) read
+    from the scaling and the validation's confusion matrix."""
+    shape = state.get("shape")
+    if shape:
+        return shape["features"], shape["classes"]
+    scaling, validation = state.get("scaling"), state.get("validation")
+    if scaling and validation:
+        return len(scaling["mean"]), len(validation["confusion"])
+    raise checkpoint.CheckpointError(
+        f"checkpoint {str(where)!r} does not record its features and classes (written by an "
+        "older raytrain); train the run again"
+    )
