@@ -15,9 +15,11 @@ metadata.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -174,13 +176,23 @@ def _torchscript(model, trained, rows) -> bytes:
 
 
 def _cannot(trained, fmt: str, error: BaseException) -> str:
-    reason = first_line(error)
+    while error.__cause__ is not None:  # the exporter's own error wraps the one that says why
+        error = error.__cause__
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(error))
     if len(reason) > 200:
         reason = reason[:200].rsplit(" ", 1)[0] + " ..."
     return (
         f"model {trained.config.model.name!r} cannot be exported to {fmt}: "
-        f"{type(error).__name__}: {reason}"
+        f"{type(error).__name__}: {reason} ({_NEEDS[fmt]})"
     )
+
+
+_NEEDS = {
+    "ONNX": "torch.export must trace forward(): no Python branch on a tensor's value "
+    "(torch.where or torch.cond instead)",
+    "TorchScript": "torch.jit.script must compile forward(), or torch.jit.trace reproduce it: "
+    "torch operations only, no NumPy",
+}
 
 
 def _need_onnx() -> None:
@@ -197,12 +209,21 @@ def _need_onnx() -> None:
 
 @contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
-    """The ONNX exporter logs warnings about optional packages (torchvision) it skips."""
+    """The exporters' own output: warnings about optional packages (torchvision) the ONNX
+    exporter skips, and the graph it prints to stderr when it fails (the failure itself comes
+    back as an exception, said in one line)."""
+    from raytrain.cluster import stderr_to_devnull
+
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with (
+            stderr_to_devnull(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            yield
     finally:
         logger.setLevel(level)
 

@@ -56,7 +56,7 @@ class Unit:
         return f"part-{self.index:05d}.parquet"
 
 
-def units_of(source: Source, unit_rows: int = UNIT_ROWS) -> list[Unit]:
+def units_of(source: Source, unit_rows: int) -> list[Unit]:
     """The source's row groups cut into units of about ``unit_rows`` rows, in input order."""
     units: list[Unit] = []
     groups: list[int] = []

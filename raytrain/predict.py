@@ -161,53 +161,57 @@ def predict(args: argparse.Namespace) -> int:
     """Run the predict command; returns the exit code."""
     console = Console()
     started = time.perf_counter()
-    staging = None
     try:
-        trained, source, out, keep = prepare(args)
-        cfg = cluster_config(args, args.data, out.parent)
-        from raytrain import inference
+        checked = prepare(args)
         from raytrain.cluster import connect
 
-        units = inference.units_of(source)
-        with connect(cfg) as plan:
-            console.header(header(trained, source, plan, out))
-            staging = inference.staging_for(out)
-            job = inference.Job(
-                checkpoint=str(trained.checkpoint),
-                source=source,
-                staging=staging,
-                keep=keep,
-                label=args.label,
-                batch_rows=args.batch_size,
-                threads=plan.threads,
-                units=units,
-            )
-            began = time.perf_counter()
-            totals = inference.run(
-                job,
-                plan.workers,
-                plan.cpus_per_worker,
-                plan.min_workers,
-                cfg.run.verbose,
-                Progress(console, sum(u.rows for u in units)),
-            )
-            seconds = time.perf_counter() - began
-            metrics = _metrics(totals, args.label, trained) if args.label else None
-            manifest = _manifest(trained, source, out, job, totals, plan, seconds)
-            inference.publish(staging, out, manifest, metrics)
-            staging = None
-        summary(console, out, manifest, metrics, time.perf_counter() - started)
+        with connect(cluster_config(args, args.data, checked[2].parent)) as plan:
+            manifest, metrics = execute(args, checked, plan, console)
+        summary(console, args.out, manifest, metrics, time.perf_counter() - started)
     except UserError as e:
         return cli.error(str(e))
     except KeyboardInterrupt:
         console.line(f"raytrain: interrupted; nothing was written to {args.out}")
         return EXIT_INTERRUPTED
-    finally:
-        if staging is not None:
-            from raytrain.inference import discard
-
-            discard(staging)
     return EXIT_OK
+
+
+def execute(args: argparse.Namespace, checked, plan, console: Console):
+    """Predict on the connected Ray as ``plan`` says and move the output into place; returns the
+    manifest and the metrics (None without --label). Nothing is left at --out or beside it
+    unless every unit succeeded."""
+    from raytrain import inference
+
+    trained, source, out, keep = checked
+    console.header(header(trained, source, plan, out))
+    units = inference.units_of(source, inference.UNIT_ROWS)
+    job = inference.Job(
+        checkpoint=str(trained.checkpoint),
+        source=source,
+        staging=inference.staging_for(out),
+        keep=keep,
+        label=args.label,
+        batch_rows=args.batch_size,
+        threads=plan.threads,
+        units=units,
+    )
+    try:
+        began = time.perf_counter()
+        totals = inference.run(
+            job,
+            plan.workers,
+            plan.cpus_per_worker,
+            plan.min_workers,
+            args.verbose,
+            Progress(console, sum(u.rows for u in units)),
+        )
+        seconds = time.perf_counter() - began
+        metrics = _metrics(totals, args.label, trained) if args.label else None
+        manifest = _manifest(trained, source, out, job, totals, plan, seconds)
+        inference.publish(job.staging, out, manifest, metrics)
+    finally:
+        inference.discard(job.staging)  # gone already when published
+    return manifest, metrics
 
 
 class Progress:
@@ -274,7 +278,13 @@ def _manifest(trained, source, out, job, totals, plan, seconds: float) -> dict[s
         ],
         "actors": plan.workers_text,
         "cpus_per_actor": plan.cpus_per_worker,
-        "seconds": {"ray_start": plan.ray_start_s, "prediction": seconds},
+        # prediction: from the actors' start to the last unit; actors_busy: the units' own
+        # time (read, predict, write), summed over actors.
+        "seconds": {
+            "ray_start": plan.ray_start_s,
+            "prediction": seconds,
+            "actors_busy": totals["actor_seconds"],
+        },
         "rows_per_s": totals["rows"] / seconds if seconds else None,
     }
 

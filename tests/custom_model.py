@@ -15,3 +15,31 @@ class TinyNet(nn.Module):
 
 class NotAModule:
     pass
+
+
+class NumpyNet(nn.Module):
+    """A model whose forward leaves torch for NumPy: it trains, but no exporter can follow it."""
+
+    def __init__(self, features: int, classes: int):
+        super().__init__()
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x):
+        import numpy as np
+        import torch
+
+        return self.head(torch.from_numpy(np.tanh(x.detach().numpy())))
+
+
+class BranchNet(nn.Module):
+    """A model that takes a Python branch on its data's values: TorchScript can script it, but
+    torch.export (the ONNX exporter) cannot follow a branch on a value it does not know."""
+
+    def __init__(self, features: int, classes: int):
+        super().__init__()
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x):
+        if x.sum().item() > 0:
+            return self.head(x)
+        return -self.head(x)
