@@ -14,7 +14,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
