@@ -13,8 +13,10 @@ import math
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -405,6 +407,10 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
     data_ctx.print_on_execution_start = verbose
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def connect(cfg: Config) -> Iterator[Plan]:
     """Join the cluster at ``run.address`` / RAY_ADDRESS, or start an embedded Ray; yield the Plan.
@@ -436,6 +442,10 @@ def connect(cfg: Config) -> Iterator[Plan]:
         # Parquet would wait forever.
         init_ray(None, offered + DATA_CPUS, cfg.run.verbose)
     plan = dataclasses.replace(plan, ray_start_s=time.perf_counter() - started)
+    if threading.current_thread() is threading.main_thread():
+        # After ray.init, which installs a SIGTERM handler of its own that just dies: SIGTERM
+        # takes the way out Ctrl-C takes (stop Ray, keep what is kept, say what is left).
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield plan
     finally:

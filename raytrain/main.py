@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -161,8 +160,6 @@ def train(args: argparse.Namespace, program: str = PROG) -> int:
         from raytrain import driver
 
         with connect(cfg) as plan:
-            # After ray.init, which installs a SIGTERM handler of its own that just dies.
-            signal.signal(signal.SIGTERM, _interrupt)
             console.header(header(cfg, plan, run_dir, resumed=args.resume is not None))
             driver.run(cfg, plan, run_dir, console, fail_at, report=not args.no_report)
     except UserError as e:
@@ -199,11 +196,6 @@ def _training_failed(error: Exception) -> bool:
     """Whether Ray Train gave up on the run (it raises TrainingFailedError subclasses)."""
     train = sys.modules.get("ray.train")  # not imported: the error came before Ray started
     return train is not None and isinstance(error, train.TrainingFailedError)
-
-
-def _interrupt(signum, frame) -> None:
-    # SIGTERM takes the same way out as Ctrl-C: stop Ray, keep the checkpoints, say how to resume.
-    raise KeyboardInterrupt
 
 
 def _describe_failure(rank: int, error: BaseException) -> str:

@@ -161,25 +161,32 @@ def predict(args: argparse.Namespace) -> int:
     """Run the predict command; returns the exit code."""
     console = Console()
     started = time.perf_counter()
+    staging = None
     try:
         checked = prepare(args)
+        from raytrain import inference
         from raytrain.cluster import connect
 
+        staging = inference.staging_for(checked[2])
         with connect(cluster_config(args, args.data, checked[2].parent)) as plan:
-            manifest, metrics = execute(args, checked, plan, console)
+            manifest, metrics = execute(args, checked, plan, console, staging)
         summary(console, args.out, manifest, metrics, time.perf_counter() - started)
     except UserError as e:
         return cli.error(str(e))
     except KeyboardInterrupt:
         console.line(f"raytrain: interrupted; nothing was written to {args.out}")
         return EXIT_INTERRUPTED
+    finally:
+        if staging is not None:  # again once Ray has stopped: no actor writes there any more
+            inference.discard(staging)
     return EXIT_OK
 
 
-def execute(args: argparse.Namespace, checked, plan, console: Console):
-    """Predict on the connected Ray as ``plan`` says and move the output into place; returns the
-    manifest and the metrics (None without --label). Nothing is left at --out or beside it
-    unless every unit succeeded."""
+def execute(args: argparse.Namespace, checked, plan, console: Console, staging=None):
+    """Predict on the connected Ray as ``plan`` says, writing into ``staging`` (default: a fresh
+    one beside --out), and move the output into place; returns the manifest and the metrics
+    (None without --label). Nothing is left at --out or beside it unless every unit
+    succeeded."""
     from raytrain import inference
 
     trained, source, out, keep = checked
@@ -188,7 +195,7 @@ def execute(args: argparse.Namespace, checked, plan, console: Console):
     job = inference.Job(
         checkpoint=str(trained.checkpoint),
         source=source,
-        staging=inference.staging_for(out),
+        staging=staging or inference.staging_for(out),
         keep=keep,
         label=args.label,
         batch_rows=args.batch_size,

@@ -43,3 +43,18 @@ class BranchNet(nn.Module):
         if x.sum().item() > 0:
             return self.head(x)
         return -self.head(x)
+
+
+class SlowNet(nn.Module):
+    """A linear model that takes a tenth of a second per batch: a prediction that lasts long
+    enough to be interrupted half-way."""
+
+    def __init__(self, features: int, classes: int):
+        super().__init__()
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.1)
+        return self.head(x)

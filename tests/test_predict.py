@@ -309,3 +309,62 @@ def test_the_exported_onnx_model_predicts_what_predict_does(run, data, tmp_path,
     from_onnx = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     written = np.stack(read_output(out)["probabilities"].to_numpy(zero_copy_only=False))
     assert np.abs(from_onnx - written).max() < 1e-5
+
+
+def test_an_interrupted_prediction_leaves_nothing_behind(tmp_path):
+    """Ctrl-C while the actors write: exit 130, no output and no staging directory left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raytrain import config
+    from raytrain.data.synthetic import draw
+    from raytrain.data.tables import xy_table
+    from tests.conftest import ROOT
+
+    cfg = config.load(flags={"model.name": "tests.custom_model:SlowNet"})
+    model = build_model(cfg.model, 10, 2)
+    checkpoint.save(
+        tmp_path / "ckpt",
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        epoch=1,
+        config=cfg.to_dict(),
+        metrics={"epoch": 1},
+        scaling=None,
+        shape={"features": 10, "classes": 2},
+    )
+    x, y, _ = draw(4000, config.DataConfig(), 0)
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        part = slice(i * 1000, (i + 1) * 1000)
+        table = xy_table(x[part].numpy(), y[part].numpy())
+        pq.write_table(table, tmp_path / "data" / f"p{i}.parquet")
+    args = [
+        str(tmp_path / "ckpt"),
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raytrain.predict", *args, "--batch-size", "50"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.partial-*/part-*.parquet")):  # an actor is writing
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted; nothing was written" in out and "Traceback" not in err, out + err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*")), list(tmp_path.iterdir())

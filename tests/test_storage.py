@@ -178,3 +178,48 @@ def test_credentials_in_the_uri_are_refused_and_not_repeated(uri):
     line = fails_in_seconds("--storage-path", uri)
     assert "carries credentials" in line and "AWS_ACCESS_KEY_ID" in line
     assert "hunter2" not in line
+
+
+@pytest.mark.ray
+def test_predict_reads_a_checkpoint_and_data_on_object_storage_and_writes_there(s3, tmp_path):
+    import pyarrow.fs as pafs
+    import torch
+
+    from raytrain import config
+    from raytrain.model import build_model
+    from raytrain.train import checkpoint
+
+    cfg = config.load()
+    model = build_model(cfg.model, 10, 2)
+    checkpoint.save(
+        tmp_path / "ckpt",
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        epoch=1,
+        config=cfg.to_dict(),
+        metrics={"epoch": 1},
+        scaling=None,
+        shape={"features": 10, "classes": 2},
+    )
+    ckpt = Location.of(s3.uri(BUCKET, "models/ckpt"))
+    pafs.copy_files(str(tmp_path / "ckpt"), ckpt.path, destination_filesystem=ckpt.fs)
+    data = Location.of(s3.uri(BUCKET, "to-score"))
+    x, y, _ = draw(3000, DataConfig(), 0)
+    pq.write_table(xy_table(x.numpy(), y.numpy()), (data / "p.parquet").path, filesystem=data.fs)
+    out = s3.uri(BUCKET, "scored")
+
+    proc = cli(
+        "predict", str(ckpt), "--data", str(data), "--out", out, "--label", "y", module="raytrain"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "y: acc" in proc.stdout and "Traceback" not in proc.stderr
+    assert set(s3.keys(BUCKET, "scored/")) >= {
+        "scored/part-00000.parquet",
+        "scored/_prediction.json",
+        "scored/_metrics.json",
+    }
+    assert not [key for key in s3.keys(BUCKET, "") if ".partial-" in key]  # staging moved away
+    written = pq.read_table((Location.of(out) / "part-00000.parquet").path, filesystem=data.fs)
+    assert written.num_rows == 3000 and written.column_names == ["prediction", "probabilities"]
+    again = cli("predict", str(ckpt), "--data", str(data), "--out", out, module="raytrain")
+    assert "exists; pass --overwrite" in one_error_line(again)
