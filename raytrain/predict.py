@@ -190,8 +190,8 @@ def execute(args: argparse.Namespace, checked, plan, console: Console, staging=N
     from raytrain import inference
 
     trained, source, out, keep = checked
-    console.header(header(trained, source, plan, out))
     units = inference.units_of(source, inference.UNIT_ROWS)
+    console.header(header(trained, source, plan, out, len(units)))
     job = inference.Job(
         checkpoint=str(trained.checkpoint),
         source=source,
@@ -240,7 +240,7 @@ class Progress:
         )
 
 
-def header(trained, source, plan, out: Location) -> list[tuple[str, str]]:
+def header(trained, source, plan, out: Location, units: int) -> list[tuple[str, str]]:
     where = "embedded Ray on this machine" if plan.embedded else f"Ray cluster at {plan.address}"
     rows = sum(count for _, _, count in source.row_groups)
     epoch = f"epoch {trained.epoch}, {trained.why}"
@@ -256,6 +256,8 @@ def header(trained, source, plan, out: Location) -> list[tuple[str, str]]:
     ]
     if plan.note:
         items.insert(3, ("note", plan.note.replace("workers", "actors")))
+    if units < plan.workers:
+        items.insert(3, ("note", f"{units} unit(s) of about a million rows: {units} actor(s) work"))
     return items
 
 

@@ -111,3 +111,35 @@ def train(ray_session, tmp_path_factory):
         return Trained(cfg, results, out.getvalue())
 
     return run
+
+
+def save_checkpoint(
+    directory,
+    model_name: str = "simple",
+    features: int = 10,
+    classes: int = 2,
+    scaling=None,
+    **fields,
+):
+    """A checkpoint as rank 0 writes it (raytrain.train.checkpoint.save) of a freshly built,
+    seeded model: for the tests of what uses checkpoints (predict, export) without a training
+    run. ``scaling``: a Scaling or None; ``fields``: more model.* settings."""
+    import torch
+
+    from raytrain.model import build_model
+
+    flags = {"model.name": model_name, **{f"model.{k}": v for k, v in fields.items()}}
+    cfg = config.load(flags=flags)
+    torch.manual_seed(1)
+    model = build_model(cfg.model, features, classes)
+    checkpoint.save(
+        directory,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        epoch=1,
+        config=cfg.to_dict(),
+        metrics={"epoch": 1},
+        scaling=scaling.to_dict() if scaling is not None else None,
+        shape={"features": features, "classes": classes},
+    )
+    return model.eval()

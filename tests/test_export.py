@@ -16,11 +16,9 @@ import onnxruntime
 import pytest
 import torch
 
-from raytrain import cli, config
+from raytrain import cli
 from raytrain.data.scaling import Scaling
-from raytrain.model import build_model
-from raytrain.train import checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, save_checkpoint
 
 FEATURES, CLASSES = 6, 3
 
@@ -28,26 +26,12 @@ FEATURES, CLASSES = 6, 3
 def write_checkpoint(directory, model_name: str, **model_fields) -> tuple[torch.nn.Module, Scaling]:
     """A checkpoint as training writes it, for a model of random weights with a scaling whose
     means and spreads differ per feature (one constant feature)."""
-    cfg = config.load(
-        flags={"model.name": model_name, **{f"model.{k}": v for k, v in model_fields.items()}}
-    )
-    torch.manual_seed(1)
-    model = build_model(cfg.model, FEATURES, CLASSES)
     scaling = Scaling(
         mean=tuple(float(m) for m in np.linspace(-50, 300, FEATURES)),
         std=(0.01, 0.5, 3.0, 40.0, 1000.0, 0.0),
     )
-    checkpoint.save(
-        directory,
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        epoch=3,
-        config=cfg.to_dict(),
-        metrics={"epoch": 3},
-        scaling=scaling.to_dict(),
-        shape={"features": FEATURES, "classes": CLASSES},
-    )
-    return model.eval(), scaling
+    model = save_checkpoint(directory, model_name, FEATURES, CLASSES, scaling, **model_fields)
+    return model, scaling
 
 
 def raw_rows(scaling: Scaling, rows: int = 257) -> torch.Tensor:

@@ -23,7 +23,7 @@ from raytrain.errors import UserError
 from raytrain.model import build_model
 from raytrain.report.console import Console
 from raytrain.train import checkpoint
-from tests.conftest import one_error_line, run_module
+from tests.conftest import one_error_line, run_module, save_checkpoint
 from tests.tabular import FEATURES, LABEL, make_table
 
 pytestmark = pytest.mark.ray
@@ -245,20 +245,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_actor(run, data, tmp_path, 
 
 def test_data_narrower_than_the_model_is_refused(tmp_path, capsys):
     """A model trained on 10 features (a list column ``x``) given rows of 8."""
-    from raytrain import config
-
-    cfg = config.load()
-    model = build_model(cfg.model, 10, 2)
-    checkpoint.save(
-        tmp_path / "ckpt",
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        epoch=1,
-        config=cfg.to_dict(),
-        metrics={"epoch": 1},
-        scaling=None,
-        shape={"features": 10, "classes": 2},
-    )
+    save_checkpoint(tmp_path / "ckpt")
     x = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8 * 5, dtype=np.float32)), 8)
     data = _with_table(tmp_path, pa.table({"x": x}))
     code = cli.main(
@@ -323,18 +310,7 @@ def test_an_interrupted_prediction_leaves_nothing_behind(tmp_path):
     from raytrain.data.tables import xy_table
     from tests.conftest import ROOT
 
-    cfg = config.load(flags={"model.name": "tests.custom_model:SlowNet"})
-    model = build_model(cfg.model, 10, 2)
-    checkpoint.save(
-        tmp_path / "ckpt",
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        epoch=1,
-        config=cfg.to_dict(),
-        metrics={"epoch": 1},
-        scaling=None,
-        shape={"features": 10, "classes": 2},
-    )
+    save_checkpoint(tmp_path / "ckpt", "tests.custom_model:SlowNet")
     x, y, _ = draw(4000, config.DataConfig(), 0)
     (tmp_path / "data").mkdir()
     for i in range(4):

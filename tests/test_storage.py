@@ -21,7 +21,7 @@ from raytrain.data.synthetic import draw
 from raytrain.data.tables import xy_table
 from raytrain.storage import Location
 
-from .conftest import ROOT, one_error_line
+from .conftest import ROOT, one_error_line, save_checkpoint
 from .s3server import S3Server, free_port
 from .test_recovery import start_cli, wait_for_checkpoint, wait_for_epochs
 
@@ -183,24 +183,8 @@ def test_credentials_in_the_uri_are_refused_and_not_repeated(uri):
 @pytest.mark.ray
 def test_predict_reads_a_checkpoint_and_data_on_object_storage_and_writes_there(s3, tmp_path):
     import pyarrow.fs as pafs
-    import torch
 
-    from raytrain import config
-    from raytrain.model import build_model
-    from raytrain.train import checkpoint
-
-    cfg = config.load()
-    model = build_model(cfg.model, 10, 2)
-    checkpoint.save(
-        tmp_path / "ckpt",
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        epoch=1,
-        config=cfg.to_dict(),
-        metrics={"epoch": 1},
-        scaling=None,
-        shape={"features": 10, "classes": 2},
-    )
+    save_checkpoint(tmp_path / "ckpt")
     ckpt = Location.of(s3.uri(BUCKET, "models/ckpt"))
     pafs.copy_files(str(tmp_path / "ckpt"), ckpt.path, destination_filesystem=ckpt.fs)
     data = Location.of(s3.uri(BUCKET, "to-score"))
