@@ -209,7 +209,9 @@ def run(
         results = _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock)
     except BaseException as e:
         if tracker is not None:
-            tracker.finish(None, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            # Ctrl-C, or the end of a sweep's trial that Tune stopped: killed, not failed.
+            stopped = isinstance(e, KeyboardInterrupt | SystemExit)
+            tracker.finish(None, "KILLED" if stopped else "FAILED")
         raise
     if tracker is not None:
         tracker.finish(results)

@@ -65,8 +65,7 @@ class Tracker:
                 self.run_id = kept["run_id"]  # a resumed run goes on in its MLflow run
                 self.client.update_run(self.run_id, status="RUNNING")
                 return
-            found = self.client.get_experiment_by_name(name)
-            experiment = found.experiment_id if found else self.client.create_experiment(name)
+            experiment = self._experiment(name)
             run = self.client.create_run(
                 experiment, run_name=run_dir.name, tags={"raytrain.run_dir": str(run_dir)}
             )
@@ -78,6 +77,20 @@ class Tracker:
             ) from None
         text = json.dumps({"tracking_uri": uri, "experiment": name, "run_id": self.run_id})
         (run_dir / runs.MLFLOW_FILE).write_bytes((text + "\n").encode())
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created if it is new (by this run or, at the same moment, by
+        another trial of a sweep)."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # created in the meantime: RESOURCE_ALREADY_EXISTS
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     def _params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

@@ -22,6 +22,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -99,7 +100,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     trial = tune.get_context().get_trial_id()
     sweep_dir = Location.of(setup.sweep_dir)
-    run_dir = sweep_dir / f"{TRIAL_PREFIX}{trial}"
+    run_dir = sweep_dir / trial_name(trial)
     flags = {"run.name": run_dir.name, "run.storage_path": str(sweep_dir)}
     if (run_dir / runs.CONFIG_FILE).is_file():  # a resumed sweep: continue the trial's run
         cfg = config.load(base=runs.saved_config(run_dir))
@@ -107,6 +108,12 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         cfg = sweeps.trial_config(setup.base, params, **flags)
         run_dir = runs.claim(cfg)
         runs.save_config(run_dir, cfg)
+    if (
+        ":" in cfg.model.name
+    ):  # a model that cannot be built fails the trial now, not in its workers
+        from raytrain.model import load_model_class
+
+        load_model_class(cfg.model.name)
     if setup.embedded:
         plan = cluster.plan_embedded(cfg, setup.cores_per_trial)
     else:
@@ -172,7 +179,9 @@ def tune_config(sweep: sweeps.SweepConfig, epochs: int):
     scheduler = (
         ASHAScheduler(
             time_attr="epoch",
-            max_t=epochs,
+            # One more than the last epoch: at max_t Tune stops a trial itself, which would end
+            # a trial at its last epoch before its run writes results.json.
+            max_t=epochs + 1,
             grace_period=min(sweep.grace_period, epochs),
             reduction_factor=sweep.reduction_factor,
         )
@@ -205,39 +214,21 @@ def check_size(base: config.Config, sweep: sweeps.SweepConfig, cpus: float, wher
         )
 
 
-class SweepConsole:
-    """Ray Tune callback: one line per trial epoch, start, stop and failure, on the driver."""
-
-    def __new__(cls, console: Console, sweep: sweeps.SweepConfig, epochs: int):
-        from ray import tune
-
-        class _Callback(tune.Callback):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                console.line(f"{_name(trial.trial_id)}  started  {_params(trial.config)}")
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                value = result.get(sweep.metric)
-                console.line(
-                    f"{_name(trial.trial_id)}  epoch {result['epoch']}/{epochs}  "
-                    f"{sweep.metric} {value:.4f}"
-                )
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                done = (trial.last_result or {}).get("epoch", 0)
-                how = "finished" if done >= epochs else f"stopped by ASHA after epoch {done}"
-                console.line(f"{_name(trial.trial_id)}  {how}")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                console.line(f"{_name(trial.trial_id)}  failed (see sweep.json)")
-
-        return _Callback()
+def expected_trials(sweep: sweeps.SweepConfig) -> int:
+    """How many trials the sweep makes: its samples, times every grid's points."""
+    count = sweep.trials
+    for spec in sweep.space.values():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid":
+            count *= len(values)
+    return count
 
 
-def _name(trial_id: str) -> str:
+def trial_name(trial_id: str) -> str:
     return f"{TRIAL_PREFIX}{trial_id}"
 
 
-def _params(params: dict[str, Any]) -> str:
+def params_text(params: dict[str, Any]) -> str:
     return "  ".join(f"{k}={_short(v)}" for k, v in params.items())
 
 
@@ -297,7 +288,8 @@ def tune_command(args: argparse.Namespace) -> int:
         # An embedded Ray shares this machine's cores among the trials at once (each trial's
         # workers get a share, as --workers beyond the cores do), plus logical CPUs for the
         # trials' drivers and their data reading; a cluster is checked once connected.
-        extra = sweep.concurrent * (DRIVER_CPUS + DATA_CPUS)
+        asked = cfg.scaling.workers * (cfg.scaling.cpus_per_worker or 0)  # none: shares
+        extra = sweep.concurrent * (DRIVER_CPUS + DATA_CPUS) + (sweep.concurrent - 1) * asked
         with connect(cfg, extra_cpus=extra) as plan:
             if not plan.embedded:
                 import ray
@@ -320,7 +312,8 @@ def tune_command(args: argparse.Namespace) -> int:
                 address=plan.address,
             )
             grid = run_tuner(setup, sweep, cfg, sweep_dir, console, resume=args.resume is not None)
-            interrupted = grid.num_terminated + grid.num_errors < len(grid)
+            # Trials not yet created when the sweep was interrupted are not in the grid.
+            interrupted = grid.num_terminated + grid.num_errors < expected_trials(sweep)
             summary = summarize(sweep_dir, sweep, cfg.train.epochs, grid, interrupted)
         if cfg.run.mlflow.tracking_uri is not None:
             from raytrain.tracking import end_stopped
@@ -328,7 +321,7 @@ def tune_command(args: argparse.Namespace) -> int:
             for row in summary:  # ASHA ended these trials' processes before they could
                 if row["status"] in ("stopped early", "unfinished"):
                     end_stopped(Location.of(row["run_dir"]))
-        write_results(sweep_dir, sweep, summary, time.perf_counter() - started)
+        write_results(sweep_dir, sweep, summary, time.perf_counter() - started, plan.ray_start_s)
         print_summary(console, sweep_dir, sweep, summary, args, interrupted)
         return EXIT_INTERRUPTED if interrupted else EXIT_OK
     except UserError as e:
@@ -346,6 +339,14 @@ def discard_if_unused(sweep_dir: Location) -> None:
 def run_tuner(setup, sweep, cfg, sweep_dir: Location, console: Console, resume: bool):
     """Tuner(...).fit(), or Tuner.restore(...).fit() for --resume; returns the ResultGrid."""
     from ray import tune
+
+    from raytrain.tune_callbacks import ReleaseStopped, TrialLines
+
+    if not cfg.run.verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables
+        # A failed trial's traceback: sweep.json keeps its error, the console says "failed".
+        for name in ("ray.tune", "ray.air"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"CPU": DRIVER_CPUS}
@@ -371,7 +372,10 @@ def run_tuner(setup, sweep, cfg, sweep_dir: Location, console: Console, resume: 
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
                 **storage,
-                callbacks=[SweepConsole(console, sweep, cfg.train.epochs)],
+                callbacks=[
+                    TrialLines(sweep.metric, cfg.train.epochs),
+                    ReleaseStopped(str(sweep_dir)),
+                ],
                 verbose=1 if cfg.run.verbose else 0,
                 # A failed trial is recorded and the sweep goes on.
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
@@ -386,12 +390,14 @@ _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})")
 def summarize(sweep_dir: Location, sweep, epochs: int, grid, interrupted: bool) -> list[dict]:
     """Every trial's parameters, best metric, epochs, status and run directory, from its run
     directory (its config and metrics rows) and Tune's results (errors)."""
-    errors = {}
+    errors, seconds = {}, {}
     for result in grid:
         found = _TRIAL_ID.search(os.path.basename(str(result.path).rstrip("/")))
         trial = (result.metrics or {}).get("trial_id") or (found.group(1) if found else None)
         if trial and result.error is not None:
             errors[trial] = _first_line(result.error)
+        if trial and (result.metrics or {}).get("time_total_s") is not None:
+            seconds[trial] = result.metrics["time_total_s"]  # to its last validated epoch
     rows = []
     sign = 1 if sweep.mode == "min" else -1
     for run_dir in sorted(sweep_dir.children(), key=lambda loc: loc.name):
@@ -422,6 +428,7 @@ def summarize(sweep_dir: Location, sweep, epochs: int, grid, interrupted: bool) 
                 "epochs": done,
                 "stopped_early": status == "stopped early",
                 "error": errors.get(trial),
+                "seconds": seconds.get(trial),
                 "run_dir": str(run_dir),
             }
         )
@@ -450,8 +457,11 @@ def best_trial(sweep, summary: list[dict]) -> dict | None:
     return min(ranked, key=lambda r: (sign * r["best"], r["trial"])) if ranked else None
 
 
-def write_results(sweep_dir: Location, sweep, summary: list[dict], wall: float) -> None:
-    """sweep.json, sweep.csv and best.yaml (the best trial's full config, to train again)."""
+def write_results(
+    sweep_dir: Location, sweep, summary: list[dict], wall: float, ray_start: float
+) -> None:
+    """sweep.json, sweep.csv and best.yaml (the best trial's full config, to train again), and
+    the sweep's report."""
     best = best_trial(sweep, summary)
     data = {
         "metric": sweep.metric,
@@ -460,6 +470,10 @@ def write_results(sweep_dir: Location, sweep, summary: list[dict], wall: float) 
         "best": best,
         "trials": summary,
         "wall_time_s": wall,
+        "ray_start_s": ray_start,
+        # Trials' own time (each from its start to its last validated epoch), summed: against
+        # (wall - ray_start) x concurrent, how busy the slots for trials were.
+        "trials_time_s": sum(row["seconds"] or 0 for row in summary),
     }
     (sweep_dir / RESULTS_JSON).write_bytes((json.dumps(data, indent=2) + "\n").encode())
     table = io.StringIO()
@@ -524,14 +538,14 @@ def print_summary(console, sweep_dir, sweep, summary, args, interrupted: bool) -
         value = f"{row['best']:.4f}" if row["best"] is not None else "-"
         console.line(
             f"{row['trial']:<{width}}  {row['status']:<13}  {sweep.metric} {value:>8}  "
-            f"epochs {row['epochs']}  {_params(row['params'])}"
+            f"epochs {row['epochs']}  {params_text(row['params'])}"
             + (f"  ({row['error']})" if row["error"] else "")
         )
     best = best_trial(sweep, summary)
     if best is not None:
         console.line(
             f"best  {best['trial']}: {sweep.metric} {best['best']:.4f} at epoch "
-            f"{best['best_epoch']} ({_params(best['params'])}); train it again: "
+            f"{best['best_epoch']} ({params_text(best['params'])}); train it again: "
             f"raytrain train --config {runs.display(sweep_dir / BEST_FILE)}"
         )
     if interrupted:

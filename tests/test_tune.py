@@ -32,9 +32,16 @@ SWEEP = {
         "grace_period": 1,
         "reduction_factor": 2,
         "space": {
-            # 1e9 makes the loss overflow in the first epoch: that trial fails, the sweep goes on.
-            "train.lr": {"grid": [0.02, 0.05, 0.2, 1.0e9]},
-            "model.name": {"choice": ["simple", "mlp"]},
+            # A model that cannot be built: those trials fail, and the sweep goes on.
+            "model.name": {
+                "grid": [
+                    "simple",
+                    "mlp",
+                    "tests.custom_model:TinyNet",
+                    "tests.custom_model:NotAModule",
+                ]
+            },
+            "train.lr": {"choice": [0.02, 0.05, 0.2]},
         },
     },
 }
@@ -89,14 +96,14 @@ def test_a_sweep_of_8_trials_with_asha_and_a_failing_trial(swept):
     assert len(trials) == 8
     statuses = [t["status"] for t in trials]
     failed = [t for t in trials if t["status"] == "failed"]
-    assert [t["params"]["train.lr"] for t in failed] == [1e9, 1e9], statuses
-    assert all("NaN or infinite" in t["error"] for t in failed), failed
+    assert [t["params"]["model.name"] for t in failed] == ["tests.custom_model:NotAModule"] * 2
+    assert all("has no nn.Module class named 'NotAModule'" in t["error"] for t in failed), failed
     assert "stopped early" in statuses and "finished" in statuses, statuses
     for t in trials:  # every trial is an ordinary run directory
         run_dir = Path(t["run_dir"])
         assert runs.saved_config(run_dir)["train"]["lr"] == t["params"]["train.lr"]
-        if t["status"] == "stopped early":
-            assert t["epochs"] < 3
+        if t["status"] == "stopped early":  # stopped between epochs: no results.json
+            assert not (run_dir / "results.json").exists()
         if t["status"] == "finished":
             assert t["epochs"] == 3 and (run_dir / "results.json").exists()
     best = results["best"]
@@ -117,9 +124,12 @@ def test_the_sweeps_trials_are_runs_of_one_mlflow_experiment(swept, mlflow_serve
     client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name("sweep-s1")
     found = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(found) == set(trials)
+    # A trial that failed before training (its model could not be built) has no MLflow run.
+    assert set(found) == {name for name, t in trials.items() if t["status"] != "failed"}
     status = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
     for name, trial in trials.items():
+        if trial["status"] == "failed":
+            continue
         run = found[name]
         assert float(run.data.params["train.lr"]) == trial["params"]["train.lr"]
         assert run.data.params["model.name"] == trial["params"]["model.name"]
