@@ -146,5 +146,7 @@ def end_stopped(run_dir: Location) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=kept["tracking_uri"])
-    if client.get_run(kept["run_id"]).info.status == "RUNNING":
+    # RUNNING (its process ended first), or FAILED (it saw its training torn down): the sweep
+    # knows it was stopped.
+    if client.get_run(kept["run_id"]).info.status != "FINISHED":
         client.set_terminated(kept["run_id"], "KILLED")
