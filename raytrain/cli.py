@@ -6,6 +6,7 @@
     raytrain runs [STORAGE_PATH]                  # the runs under a storage path
     raytrain predict RUN --data PATH --out DIR    # = python -m raytrain.predict
     raytrain export RUN --format onnx --out FILE  # = python -m raytrain.export
+    raytrain tune --config configs/sweep.yaml     # = python -m raytrain.tune
 
 ``train``'s flags are derived from the config schema (raytrain.config): ``--section.field VALUE``
 for every field, and the short flags the schema names (``--workers``, ``--lr``, ...). Every error
@@ -180,8 +181,16 @@ def build_parser(prog: str = "raytrain") -> argparse.ArgumentParser:
 
 
 def add_use_parsers(sub) -> None:
-    """``predict`` and ``export``: what a trained model is for."""
-    from raytrain import export, predict
+    """``predict``, ``export`` and ``tune``: what a trained model is for, and finding the best."""
+    from raytrain import export, predict, tune
+
+    tune.add_args(
+        sub.add_parser(
+            "tune",
+            help="a hyperparameter sweep on Ray Tune",
+            description=tune.__doc__.splitlines()[0],
+        )
+    )
 
     predict.add_args(
         sub.add_parser(
@@ -252,10 +261,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "raytrain") -> int:
         from raytrain import main as training
 
         return training.train(args, program=f"{prog} train")
-    if args.command in ("predict", "export"):
-        from raytrain import export, predict
+    if args.command in ("predict", "export", "tune"):
+        from raytrain import export, predict, tune
 
-        return predict.predict(args) if args.command == "predict" else export.export(args)
+        run = {"predict": predict.predict, "export": export.export, "tune": tune.tune_command}
+        return run[args.command](args)
     commands = {"data": generate, "report": report, "runs": list_runs}
     try:
         return commands[args.command](args)

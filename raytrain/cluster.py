@@ -412,8 +412,10 @@ def _interrupt(signum, frame) -> None:
 
 
 @contextmanager
-def connect(cfg: Config) -> Iterator[Plan]:
+def connect(cfg: Config, extra_cpus: float = 0) -> Iterator[Plan]:
     """Join the cluster at ``run.address`` / RAY_ADDRESS, or start an embedded Ray; yield the Plan.
+    ``extra_cpus``: logical CPUs an embedded Ray offers beyond the plan's (a sweep's trial
+    drivers).
 
     Ray is shut down on the way out, whatever happens inside.
     """
@@ -440,7 +442,7 @@ def connect(cfg: Config) -> Iterator[Plan]:
         offered = cores if plan.min_workers is not None else max(cores, math.ceil(plan.cpus))
         # One more for Ray Data's read tasks: with every CPU held by a training worker, reading
         # Parquet would wait forever.
-        init_ray(None, offered + DATA_CPUS, cfg.run.verbose)
+        init_ray(None, math.ceil(offered + DATA_CPUS + extra_cpus), cfg.run.verbose)
     plan = dataclasses.replace(plan, ray_start_s=time.perf_counter() - started)
     if threading.current_thread() is threading.main_thread():
         # After ray.init, which installs a SIGTERM handler of its own that just dies: SIGTERM

@@ -254,6 +254,18 @@ class ScalingConfig(_Section):
         return data
 
 
+class MlflowConfig(_Section):
+    """Track the run in MLflow: parameters, every epoch's metrics, results.json, the report and
+    the best checkpoint (the mlflow extra)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server (http://host:5000) or store (sqlite:///mlflow.db). "
+        "Unset: no tracking.",
+    )
+    experiment: str = Field("raytrain", description="The MLflow experiment the run goes into.")
+
+
 class RunConfig(_Section):
     """Where the run happens and where its results go."""
 
@@ -285,6 +297,9 @@ class RunConfig(_Section):
     )
     verbose: bool = Field(
         False, description="Show Ray's own logs and worker output.", **_flag("verbose")
+    )
+    mlflow: MlflowConfig = Field(
+        MlflowConfig(), description="tracking_uri and experiment: see the fields."
     )
 
     @field_validator("name")

@@ -14,7 +14,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raytrain import outcome, runs
+from raytrain import outcome, runs, tracking
 from raytrain.cluster import Plan
 from raytrain.config import Config
 from raytrain.data.datasets import Datasets, build_datasets
@@ -162,13 +162,22 @@ def train(
     run_dir: Location,
     console: Console,
     fail_at: tuple[int, int] | None,
+    tracker: tracking.Tracker | None = None,
 ) -> ray.train.Result:
-    """fit() a fresh TorchTrainer of this session while the console follows the metrics."""
+    """fit() a fresh TorchTrainer of this session while the console (and MLflow, if the run is
+    tracked) follows the metrics."""
     session = secrets.token_hex(4)
     trainer = build_trainer(cfg, plan, datasets, run_dir, fail_at, session)
+    follow = console.show
+    if tracker is not None:
+
+        def follow(line: dict[str, Any]) -> None:
+            console.show(line)
+            tracker.show(line)
+
     # The Follower stops first (its last poll still reaches the progress bar), then the bar goes,
     # also on Ctrl-C or a failure, so that what main prints lands on a clean terminal.
-    with console.training(cfg.train.epochs, session), runs.Follower(run_dir, console.show):
+    with console.training(cfg.train.epochs, session), runs.Follower(run_dir, follow):
         return fit(trainer)
 
 
@@ -194,9 +203,28 @@ def run(
     )
     if datasets.ingest == "stream":
         check_streamed_batch(cfg, plan)
+    clock = {"started": started, "prepared": prepared}
+    tracker = tracking.start(cfg, run_dir)
+    try:
+        results = _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock)
+    except BaseException as e:
+        if tracker is not None:
+            # Ctrl-C, or the end of a sweep's trial that Tune stopped: killed, not failed.
+            stopped = isinstance(e, KeyboardInterrupt | SystemExit)
+            tracker.finish(None, "KILLED" if stopped else "FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish(results)
+        if tracker.lost:
+            console.line(f"{'mlflow':>7}  logging stopped: {tracker.lost}")
+    return results
+
+
+def _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock):
+    """``run`` from fit() to results.json and the report."""
     fit_started = time.time()
     try:
-        result = train(cfg, plan, datasets, run_dir, console, fail_at)
+        result = train(cfg, plan, datasets, run_dir, console, fail_at, tracker)
     except ray.train.TrainingFailedError as e:
         # For main's failure report, asked while Ray is still connected.
         e.lost_nodes = outcome.lost_nodes(runs.read_metrics(run_dir))
@@ -210,9 +238,10 @@ def run(
     best = outcome.best_checkpoint(result, cfg, run_dir)
     validation = outcome.validation_of(best["checkpoint"])
     console.validation(validation, best)
+    started = clock["started"]
     times = {
         "ray_start": plan.ray_start_s,
-        "data_preparation": prepared - started,
+        "data_preparation": clock["prepared"] - started,
         "fit_window": (fit_started, fit_ended),
         "validation": time.perf_counter() - trained,
         "wall_time_s": {"train": trained - started, "total": time.perf_counter() - started},

@@ -47,6 +47,7 @@ REPORT_PNG = "report.png"
 REPORT_HTML = "report.html"
 TENSORBOARD_DIR = "tensorboard"
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+MLFLOW_FILE = "mlflow.json"  # a tracked run's MLflow run (raytrain.tracking)
 
 # results.json "phases": seconds per phase of a driver session, in the order they happen.
 PHASES = {

@@ -185,6 +185,21 @@ class Location:
         self.fs.delete_dir(self.path)
 
     @contextmanager
+    def local_file(self) -> Iterator[Path]:
+        """A local path holding this file: itself on a disk, a temporary download (of the same
+        name) from an object store."""
+        if self.local:
+            yield Path(self.path)
+            return
+        tmp = tempfile.mkdtemp(prefix="raytrain-download-")
+        try:
+            local = Path(tmp) / self.name
+            local.write_bytes(self.read_bytes())
+            yield local
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @contextmanager
     def local_copy(self) -> Iterator[Path]:
         """A local directory with this directory's files: itself on a disk, a temporary
         download from an object store."""

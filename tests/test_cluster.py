@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,34 @@ def test_storage_check_that_times_out_is_one_line_and_shuts_ray_down(ray_cluster
     )
     _fails_clearly(proc, "did not say within 0 s", "run.storage_path", str(tmp_path))
     assert proc.stdout.splitlines()[-1] == "shut down"
+
+
+def test_a_sweep_larger_than_the_cluster_is_one_line_in_seconds(ray_cluster, tmp_path):
+    """2 trials at once x (2 workers x 1 CPU + 0.5 for each trial's driver) on 3 CPUs."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "scaling: {workers: 2}\n"
+        "sweep: {trials: 2, concurrent: 2, space: {train.lr: {choice: [0.01, 0.1]}}}\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytrain.tune",
+            "--config",
+            str(sweep),
+            "--address",
+            ray_cluster.address,
+            "--storage-path",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ray_cluster.env,
+        timeout=120,
+    )
+    assert time.monotonic() - started < 60
+    line = one_error_line(proc)
+    assert "= 5 CPUs, but the cluster at" in line and "has 3" in line and "concurrent to 1" in line

@@ -347,7 +347,10 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     place = {"rank": rank, "node_id": node_id, "node_ip": node_ip}
     # Where every rank runs and how its start went: gathered once, written with the first row.
     starts = gather_objects({**place, **timeline}, world)
-    log = MetricsLog(args.run_dir, args.session, start_epoch) if rank == 0 else None
+    log = None
+    if rank == 0:
+        group = ray.util.get_current_placement_group()
+        log = MetricsLog(args.run_dir, args.session, start_epoch, group.id.hex() if group else None)
     scaling = args.scaling.to_dict() if args.scaling is not None else None
 
     for epoch in range(start_epoch, cfg.train.epochs):

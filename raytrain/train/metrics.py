@@ -125,9 +125,16 @@ def worker_row(stats: dict[str, float], facts: dict[str, Any]) -> dict[str, Any]
 class MetricsLog:
     """Rank 0's writer of metrics.jsonl and the TensorBoard events of one worker-group start."""
 
-    def __init__(self, run_dir: runs.RunPath, session: str, from_epoch: int):
+    def __init__(
+        self,
+        run_dir: runs.RunPath,
+        session: str,
+        from_epoch: int,
+        placement_group: str | None = None,
+    ):
         """Write the start line: this start trains from ``from_epoch`` on, superseding the rows
-        of later epochs already in the file (a restart, or a resumed run)."""
+        of later epochs already in the file (a restart, or a resumed run); ``placement_group``:
+        the worker group's (a sweep releases it when it stops the trial)."""
         self.run_dir = run_dir = Location.of(run_dir)
         self.tensorboard = run_dir / runs.TENSORBOARD_DIR
         # TensorBoard's writer needs a local file: on an object store, the events are written
@@ -144,6 +151,7 @@ class MetricsLog:
             "from_epoch": from_epoch,
             "time": time.time(),
             "supersedes": [epoch for epoch in written if epoch > from_epoch],
+            "placement_group": placement_group,
         }
         runs.append_line(run_dir, {"start": start})
 

@@ -1,0 +1,268 @@
+"""raytrain tune: sweeps on Ray Tune, each trial an ordinary raytrain run. A sweep of 8 trials x
+2 workers x 3 epochs on an embedded Ray with ASHA stopping trials and a trial that fails; its best
+config trained again to the same validation; a sweep interrupted and resumed; bad sweep files
+and a sweep larger than a cluster, one line each."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytrain import cli, runs
+from tests.conftest import ROOT, one_error_line
+from tests.mlflowserver import MlflowServer
+
+SWEEP = {
+    "data": {"samples": 1000},
+    "train": {"epochs": 3, "batch_size": 64},
+    "scaling": {"workers": 2},
+    "sweep": {
+        "trials": 2,
+        "concurrent": 2,
+        "metric": "val_loss",
+        "scheduler": "asha",
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "space": {
+            # A model that cannot be built: those trials fail, and the sweep goes on.
+            "model.name": {
+                "grid": [
+                    "simple",
+                    "mlp",
+                    "tests.custom_model:TinyNet",
+                    "tests.custom_model:NotAModule",
+                ]
+            },
+            "train.lr": {"choice": [0.02, 0.05, 0.2]},
+        },
+    },
+}
+
+
+def write_sweep(path: Path, **changes) -> Path:
+    spec = json.loads(json.dumps(SWEEP))
+    spec["sweep"].update(changes)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def tune_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "raytrain.tune", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, mlflow_server):
+    """The sweep of 8 trials, tracked in MLflow."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = write_sweep(root / "s.yaml")
+    tracked = yaml.safe_load(spec.read_text())
+    tracked["run"] = {"mlflow": {"tracking_uri": mlflow_server.url, "experiment": "sweep-s1"}}
+    spec.write_text(yaml.safe_dump(tracked))
+    started = time.monotonic()
+    proc = tune_cli("--config", str(spec), "--storage-path", str(root), "--name", "s1")
+    print(f"sweep of 8 trials: {time.monotonic() - started:.0f} s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "s1", proc
+
+
+@pytest.mark.ray
+def test_a_sweep_of_8_trials_with_asha_and_a_failing_trial(swept):
+    sweep_dir, proc = swept
+    results = json.loads((sweep_dir / "sweep.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 8
+    statuses = [t["status"] for t in trials]
+    failed = [t for t in trials if t["status"] == "failed"]
+    assert [t["params"]["model.name"] for t in failed] == ["tests.custom_model:NotAModule"] * 2
+    assert all("has no nn.Module class named 'NotAModule'" in t["error"] for t in failed), failed
+    assert "stopped early" in statuses and "finished" in statuses, statuses
+    for t in trials:  # every trial is an ordinary run directory
+        run_dir = Path(t["run_dir"])
+        assert runs.saved_config(run_dir)["train"]["lr"] == t["params"]["train.lr"]
+        if t["status"] == "stopped early":  # stopped between epochs: no results.json
+            assert not (run_dir / "results.json").exists()
+        if t["status"] == "finished":
+            assert t["epochs"] == 3 and (run_dir / "results.json").exists()
+    best = results["best"]
+    ranked = sorted(t["best"] for t in trials if t["status"] != "failed")
+    assert best["best"] == ranked[0]
+    assert (sweep_dir / "sweep.csv").read_text().count("\n") == 9
+    out = proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert f"best  {best['trial']}" in out and "raytrain train --config" in out
+
+
+@pytest.mark.ray
+def test_the_sweeps_trials_are_runs_of_one_mlflow_experiment(swept, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    sweep_dir, _ = swept
+    trials = {t["trial"]: t for t in json.loads((sweep_dir / "sweep.json").read_text())["trials"]}
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("sweep-s1")
+    found = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    # A trial that failed before training (its model could not be built) has no MLflow run.
+    assert set(found) == {name for name, t in trials.items() if t["status"] != "failed"}
+    status = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
+    for name, trial in trials.items():
+        if trial["status"] == "failed":
+            continue
+        run = found[name]
+        assert float(run.data.params["train.lr"]) == trial["params"]["train.lr"]
+        assert run.data.params["model.name"] == trial["params"]["model.name"]
+        assert run.info.status == status[trial["status"]], (name, trial["status"])
+
+
+@pytest.mark.ray
+def test_the_best_config_trains_again_to_the_same_validation(swept, tmp_path):
+    sweep_dir, _ = swept
+    best = json.loads((sweep_dir / "sweep.json").read_text())["best"]
+    assert best["status"] == "finished"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytrain.main",
+            "--config",
+            str(sweep_dir / "best.yaml"),
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            "again",
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["validation"]
+    trial = json.loads((Path(best["run_dir"]) / "results.json").read_text())["validation"]
+    assert again["loss"] == trial["loss"] and again["confusion"] == trial["confusion"]
+
+
+@pytest.mark.ray
+def test_an_interrupted_sweep_resumes_and_runs_only_what_was_left(tmp_path):
+    spec = write_sweep(
+        tmp_path / "s.yaml",
+        trials=1,
+        concurrent=1,
+        scheduler="none",
+        space={"train.lr": {"grid": [0.02, 0.05, 0.1]}},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "raytrain.tune",
+            "--config",
+            str(spec),
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            "s2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    sweep_dir = tmp_path / "s2"
+    try:
+        deadline = time.monotonic() + 600
+        while not list(sweep_dir.glob("trial-*/results.json")):  # one trial finished
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out, out
+    resume = [line for line in out.splitlines() if "raytrain tune --resume" in line]
+    assert resume and "s2" in resume[0], out
+    finished_before = {p.parent.name for p in sweep_dir.glob("trial-*/results.json")}
+
+    again = tune_cli("--resume", "s2", "--storage-path", str(tmp_path))
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = json.loads((sweep_dir / "sweep.json").read_text())["trials"]
+    assert sorted(t["params"]["train.lr"] for t in trials) == [0.02, 0.05, 0.1]
+    assert all(t["status"] == "finished" for t in trials), trials
+    for name in finished_before:  # a finished trial was not run again
+        rows = runs.read_metrics(sweep_dir / name)
+        assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+BAD = {
+    "no sweep section": ({"train": {"epochs": 1}}, "has no sweep: section"),
+    "unknown field": ({"sweep": {"space": {"train.nope": {"choice": [1]}}}}, "unknown config key"),
+    "bad value": (
+        {"sweep": {"space": {"train.lr": {"choice": [-1.0]}}}},
+        "invalid value for train.lr",
+    ),
+    "bad kind": ({"sweep": {"space": {"train.lr": {"normal": [0, 1]}}}}, "give one of choice"),
+    "low above high": ({"sweep": {"space": {"train.lr": {"uniform": [1, 0.1]}}}}, "low < high"),
+    "empty space": ({"sweep": {"space": {}}}, "the search space is empty"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_a_bad_sweep_file_is_one_line_before_ray_starts(tmp_path, capsys, case):
+    spec, needle = BAD[case]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert cli.main(["tune", "--config", str(path), "--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.glob("sweep-*")), "nothing was created"
+
+
+def test_the_command_line_says_a_missing_sweep_file_in_one_line(tmp_path):
+    proc = tune_cli("--config", str(tmp_path / "nope.yaml"), "--storage-path", str(tmp_path))
+    assert "does not exist" in one_error_line(proc)
+
+
+@pytest.mark.ray
+def test_optuna_search_draws_the_trials(tmp_path):
+    spec = write_sweep(
+        tmp_path / "s.yaml",
+        trials=2,
+        concurrent=1,
+        search="optuna",
+        scheduler="none",
+        space={"train.lr": {"loguniform": [0.01, 0.1]}, "model.name": {"choice": ["simple"]}},
+    )
+    text = yaml.safe_load(spec.read_text())
+    text["train"]["epochs"] = 1
+    spec.write_text(yaml.safe_dump(text))
+    proc = tune_cli("--config", str(spec), "--storage-path", str(tmp_path), "--name", "opt")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = json.loads((tmp_path / "opt" / "sweep.json").read_text())["trials"]
+    assert len(trials) == 2 and all(t["status"] == "finished" for t in trials)
+    assert all(0.01 <= t["params"]["train.lr"] <= 0.1 for t in trials)
