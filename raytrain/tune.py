@@ -322,7 +322,7 @@ def tune_command(args: argparse.Namespace) -> int:
                 if row["status"] in ("stopped early", "unfinished"):
                     end_stopped(Location.of(row["run_dir"]))
         write_results(sweep_dir, sweep, summary, time.perf_counter() - started, plan.ray_start_s)
-        print_summary(console, sweep_dir, sweep, summary, args, interrupted)
+        print_summary(console, sweep_dir, sweep, summary, interrupted)
         return EXIT_INTERRUPTED if interrupted else EXIT_OK
     except UserError as e:
         if sweep_dir is not None and args.resume is None:
@@ -531,7 +531,7 @@ def header(cfg, sweep, sweep_dir, plan, cores, resumed: bool) -> list[tuple[str,
     ]
 
 
-def print_summary(console, sweep_dir, sweep, summary, args, interrupted: bool) -> None:
+def print_summary(console, sweep_dir, sweep, summary, interrupted: bool) -> None:
     console.line("")
     width = max((len(r["trial"]) for r in summary), default=5)
     for row in summary:
@@ -554,7 +554,8 @@ def print_summary(console, sweep_dir, sweep, summary, args, interrupted: bool) -
             f"{sweep_dir.name} --storage-path {sweep_dir.parent}"
         )
     console.line(
-        f"results in {runs.display(sweep_dir / RESULTS_JSON)} ({RESULTS_CSV}, {BEST_FILE})"
+        f"results in {runs.display(sweep_dir / RESULTS_JSON)} ({RESULTS_CSV}, {BEST_FILE}, "
+        "sweep.png, sweep.html beside it)"
     )
 
 
