@@ -340,7 +340,7 @@ def run_tuner(setup, sweep, cfg, sweep_dir: Location, console: Console, resume: 
     """Tuner(...).fit(), or Tuner.restore(...).fit() for --resume; returns the ResultGrid."""
     from ray import tune
 
-    from raytrain.tune_callbacks import ReleaseStopped, TrialLines
+    from raytrain.tune_callbacks import ReleaseStopped, TrialTable, close_live
 
     if not cfg.run.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables
@@ -373,7 +373,7 @@ def run_tuner(setup, sweep, cfg, sweep_dir: Location, console: Console, resume: 
                 name=TUNE_DIR,
                 **storage,
                 callbacks=[
-                    TrialLines(sweep.metric, cfg.train.epochs),
+                    TrialTable(sweep.metric, sweep.mode, cfg.train.epochs),
                     ReleaseStopped(str(sweep_dir)),
                 ],
                 verbose=1 if cfg.run.verbose else 0,
@@ -381,7 +381,10 @@ def run_tuner(setup, sweep, cfg, sweep_dir: Location, console: Console, resume: 
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             ),
         )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        close_live()  # Tune ends its callbacks' experiment, but not on every way out
 
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})")

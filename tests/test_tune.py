@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -261,8 +264,60 @@ def test_optuna_search_draws_the_trials(tmp_path):
     text = yaml.safe_load(spec.read_text())
     text["train"]["epochs"] = 1
     spec.write_text(yaml.safe_dump(text))
-    proc = tune_cli("--config", str(spec), "--storage-path", str(tmp_path), "--name", "opt")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # On a terminal: the live table of the trials, not a line per event.
+    code, screen = in_terminal(
+        "--config", str(spec), "--storage-path", str(tmp_path), "--name", "opt"
+    )
+    assert code == 0, screen
     trials = json.loads((tmp_path / "opt" / "sweep.json").read_text())["trials"]
     assert len(trials) == 2 and all(t["status"] == "finished" for t in trials)
     assert all(0.01 <= t["params"]["train.lr"] <= 0.1 for t in trials)
+    plain = ANSI.sub("", screen)
+    assert "0/1 trials done" in plain and "2/2 trials done" in plain, plain
+    assert re.search(r"trial-\S+\s+running\s+0/1", plain), plain
+    assert re.search(r"trial-\S+\s+finished\s+1/1\s+\d\.\d{4}", plain), plain
+    assert "started  train.lr=" not in plain  # the lines are for pipes and logs
+    assert f"best  {trials[0]['trial']}" in plain or f"best  {trials[1]['trial']}" in plain
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def in_terminal(*args: str, timeout: float = 600) -> tuple[int, str]:
+    """``python -m raytrain.tune ARGS`` with its output on a pseudo-terminal, as a user sees it:
+    its exit code and everything it wrote there."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(TERM="xterm-256color", COLUMNS="160", LINES="50")
+    control, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raytrain.tune", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+        cwd=ROOT,
+        env=env,
+    )
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(control, 65536)
+            except OSError:  # the terminal closed: the command and its children are gone
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=30)
+    os.close(control)
+    return code, b"".join(chunks).decode(errors="replace")
