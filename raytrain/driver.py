@@ -192,10 +192,35 @@ def run(
     """Train (or continue training), validate the best checkpoint on the driver, write
     results.json (and the report with its plots, unless ``report`` is off)."""
     started = time.perf_counter()
+    # First, so that a run that fails from here on (a sweep's trial with a model that cannot
+    # be built, data that cannot be read) is in MLflow too, as FAILED, with its reason.
+    tracker = tracking.start(cfg, run_dir)
+    try:
+        if ":" in cfg.model.name:  # a model that cannot be built fails here, not in the workers
+            from raytrain.model import load_model_class
+
+            load_model_class(cfg.model.name)
+        datasets = _prepare(cfg, plan, console)
+        clock = {"started": started, "prepared": time.perf_counter()}
+        results = _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock)
+    except BaseException as e:
+        if tracker is not None:
+            # Ctrl-C, or the end of a sweep's trial that Tune stopped: killed, not failed.
+            stopped = isinstance(e, KeyboardInterrupt | SystemExit)
+            tracker.finish(None, "KILLED" if stopped else "FAILED", error=e)
+        raise
+    if tracker is not None:
+        tracker.finish(results)
+        if tracker.lost:
+            console.line(f"{'mlflow':>7}  logging stopped: {tracker.lost}")
+    return results
+
+
+def _prepare(cfg: Config, plan: Plan, console: Console) -> Datasets:
+    """The run's datasets, said on the console."""
     # On an embedded Ray the driver is on the machine with the data: it scans Parquet itself.
     scan_threads = (os.cpu_count() or 1) if plan.embedded else 0
     datasets = build_datasets(cfg.data, plan.workers, plan.copies_per_node, scan_threads)
-    prepared = time.perf_counter()
     console.line(
         f"{'data':>7}  {datasets.source}; {datasets.features} features, "
         f"{datasets.classes} classes; {datasets.train_rows:,} train / "
@@ -203,21 +228,7 @@ def run(
     )
     if datasets.ingest == "stream":
         check_streamed_batch(cfg, plan)
-    clock = {"started": started, "prepared": prepared}
-    tracker = tracking.start(cfg, run_dir)
-    try:
-        results = _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock)
-    except BaseException as e:
-        if tracker is not None:
-            # Ctrl-C, or the end of a sweep's trial that Tune stopped: killed, not failed.
-            stopped = isinstance(e, KeyboardInterrupt | SystemExit)
-            tracker.finish(None, "KILLED" if stopped else "FAILED")
-        raise
-    if tracker is not None:
-        tracker.finish(results)
-        if tracker.lost:
-            console.line(f"{'mlflow':>7}  logging stopped: {tracker.lost}")
-    return results
+    return datasets
 
 
 def _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock):

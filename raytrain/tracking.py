@@ -116,8 +116,17 @@ class Tracker:
         except Exception as e:  # a tracking server that went away does not stop training
             self.lost = f"{type(e).__name__}: {first_line(e, 200)}"
 
-    def finish(self, results: dict[str, Any] | None, status: str = "FINISHED") -> None:
-        """results.json, the report and the best checkpoint as artifacts; the run's status."""
+    def finish(
+        self,
+        results: dict[str, Any] | None,
+        status: str = "FINISHED",
+        error: BaseException | None = None,
+    ) -> None:
+        """results.json, the report and the best checkpoint as artifacts; the run's status (and
+        for a failed run, the first line of its error as the tag ``raytrain.error``)."""
+        if error is not None and status == "FAILED":
+            text = f"{type(error).__name__}: {first_line(error, 500)}"
+            self.client.set_tag(self.run_id, "raytrain.error", text)
         if results is not None:
             for name in (runs.RESULTS_FILE, runs.REPORT_PNG, runs.REPORT_HTML):
                 path = self.run_dir / name

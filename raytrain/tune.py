@@ -108,12 +108,6 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         cfg = sweeps.trial_config(setup.base, params, **flags)
         run_dir = runs.claim(cfg)
         runs.save_config(run_dir, cfg)
-    if (
-        ":" in cfg.model.name
-    ):  # a model that cannot be built fails the trial now, not in its workers
-        from raytrain.model import load_model_class
-
-        load_model_class(cfg.model.name)
     if setup.embedded:
         plan = cluster.plan_embedded(cfg, setup.cores_per_trial)
     else:
