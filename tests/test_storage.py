@@ -207,3 +207,45 @@ def test_predict_reads_a_checkpoint_and_data_on_object_storage_and_writes_there(
     assert written.num_rows == 3000 and written.column_names == ["prediction", "probabilities"]
     again = cli("predict", str(ckpt), "--data", str(data), "--out", out, module="raytrain")
     assert "exists; pass --overwrite" in one_error_line(again)
+
+
+@pytest.mark.ray
+def test_a_sweep_keeps_its_trials_and_results_on_object_storage(s3, tmp_path):
+    import yaml
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"samples": 1000},
+                "train": {"epochs": 2, "batch_size": 64},
+                "scaling": {"workers": 2},
+                "sweep": {
+                    "trials": 1,
+                    "concurrent": 2,
+                    "scheduler": "none",
+                    "space": {"train.lr": {"grid": [0.05, 0.2]}},
+                },
+            }
+        )
+    )
+    storage = s3.uri(BUCKET, "sweeps")
+    proc = cli("tune", "--config", str(spec), "--storage-path", storage, "--name", "sw",
+               module="raytrain", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep_dir = Location.of(storage) / "sw"
+    results = json.loads((sweep_dir / "sweep.json").read_text())
+    trials = results["trials"]
+    assert sorted(t["params"]["train.lr"] for t in trials) == [0.05, 0.2]
+    assert all(t["status"] == "finished" and t["epochs"] == 2 for t in trials), trials
+    assert all(t["run_dir"].startswith(f"s3://{BUCKET}/sweeps/sw/trial-") for t in trials)
+    names = {key.removeprefix("sweeps/sw/") for key in s3.keys(BUCKET, "sweeps/sw/")}
+    assert {"sweep.yaml", "sweep.json", "sweep.csv", "best.yaml", "sweep.png"} <= names, names
+    for t in trials:  # each trial an ordinary run there, checkpoints and all
+        trial = t["trial"]
+        assert {f"{trial}/results.json", f"{trial}/checkpoint_epoch_000002/state.pt"} <= names
+    assert any(name.startswith("tune/") for name in names)  # Tune's state, for --resume
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["train"]["lr"] == results["best"]["params"]["train.lr"]
+    assert s3.secret_key not in proc.stdout + proc.stderr
+    assert not (ROOT / "s3:").exists(), "a local directory named after the URI was written"
