@@ -225,7 +225,7 @@ def to_xy(
     if keep != "all":
         held_out = in_validation(x, val_fraction)
         rows = held_out if keep == "val" else ~held_out
-        x, y = x[rows], y[rows]
+        x, y = np.compress(rows, x, axis=0), np.compress(rows, y)
     return xy_table(x, y)
 
 

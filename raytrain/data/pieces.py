@@ -96,7 +96,7 @@ class PieceSet:
             return np.array(x), np.array(y, dtype=np.int64)
         held_out = self.held_out(piece, x)
         rows = held_out if self.keep == "val" else ~held_out
-        return x[rows], y[rows].astype(np.int64, copy=False)
+        return _take(rows, x), _take(rows, y).astype(np.int64, copy=False)
 
     def read(
         self, pieces: Sequence[Piece], ahead: bool = True, pick: Callable | None = None
@@ -222,16 +222,22 @@ class HeldOut:
         held_out = self.split.held_out(piece, x)
         key = (piece.file, piece.row_group)
         if key not in self.kept:
-            self.kept[key] = (x[held_out], y[held_out].astype(np.int64, copy=False))
-        return x[~held_out], y[~held_out].astype(np.int64, copy=False)
+            self.kept[key] = (_take(held_out, x), _take(held_out, y).astype(np.int64, copy=False))
+        train = ~held_out
+        return _take(train, x), _take(train, y).astype(np.int64, copy=False)
 
     def rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The held-out rows of the share, piece by piece: kept, or read now (and kept)."""
         missing = [p for p in self.share if (p.file, p.row_group) not in self.kept]
-        for _ in self.split.read(missing, pick=self.pick):
+        for _ in self.split.read(missing, ahead=False, pick=self.pick):
             pass
         for piece in self.share:
             yield self.kept[(piece.file, piece.row_group)]
+
+
+def _take(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values[rows]`` for a boolean ``rows``: np.compress, several times faster on 2-D rows."""
+    return np.compress(rows, values, axis=0)
 
 
 _DONE = object()
@@ -255,20 +261,27 @@ def read_splits(
     ]
     filled = [0, 0]
 
-    def put(which: int, x: np.ndarray, y: np.ndarray) -> None:
-        start, end = filled[which], filled[which] + len(y)
-        arrays[which][0][start:end] = x
-        arrays[which][1][start:end] = y
+    def put(which: int, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Rows ``x``, ``y`` (those where ``rows`` is true) into the split's arrays."""
+        count = len(y) if rows is None else int(rows.sum())
+        start, end = filled[which], filled[which] + count
+        if rows is None:
+            arrays[which][0][start:end] = x
+            arrays[which][1][start:end] = y
+        else:  # straight into place, no copy in between
+            np.compress(rows, x, axis=0, out=arrays[which][0][start:end])
+            np.compress(rows, y, out=arrays[which][1][start:end])
         filled[which] = end
 
     if train.pieces == val.pieces and (train.keep, val.keep) == ("train", "val"):
 
         def both(piece: Piece, x: np.ndarray, y: np.ndarray) -> None:
             held_out = train.held_out(piece, x)
-            put(0, x[~held_out], y[~held_out])
-            put(1, x[held_out], y[held_out])
+            put(0, x, y, ~held_out)
+            put(1, x, y, held_out)
 
-        for _ in train.read(train.pieces, pick=both):
+        # Not ahead: ``both`` does all the work, so a reading thread would only add a hand-over.
+        for _ in train.read(train.pieces, ahead=False, pick=both):
             pass
     else:
         for which, split in enumerate(splits):
