@@ -86,3 +86,28 @@ def test_arrow_table_round_trip():
     # Two blocks, the second a slice (an offset into its buffers), as the object store holds them.
     x, y = to_tensors([table.slice(0, 13), table.slice(13)])
     assert torch.equal(x, split.train_x) and torch.equal(y, split.train_y)
+
+
+def test_split_moments_are_numpys_over_the_training_rows_and_refuse_non_finite_values():
+    import numpy as np
+
+    from raytrain.data import scaling
+
+    rng = np.random.default_rng(0)
+    # More rows than a block; a feature far from 0 (precision), a constant one (m2 exactly 0).
+    x = rng.standard_normal((200_003, 4)) * [1.0, 3.0, 0.5, 0.0] + [0.0, 1e6, -7.0, 2.5]
+    x = x.astype(np.float32)
+    held = rng.random(len(x)) < 0.2
+    found = scaling.split_moments(x, held)
+    train = x[~held].astype(np.float64)
+    assert found["n"] == len(train)
+    assert np.allclose(found["mean"], train.mean(axis=0), rtol=1e-10, atol=1e-12)
+    assert np.allclose(found["m2"], train.var(axis=0) * len(train), rtol=1e-9, atol=1e-9)
+    assert found["m2"][-1] == 0.0
+    assert scaling.split_moments(x, None)["n"] == len(x)
+    for bad in (np.nan, np.inf, -np.inf):  # in a held-out row too: the check covers every row
+        for row in (int(np.flatnonzero(held)[5]), int(np.flatnonzero(~held)[7])):
+            y = x.copy()
+            y[row, 2] = bad
+            assert scaling.split_moments(y, held) is None, (bad, row)
+    assert scaling.split_moments(x[:0], None)["n"] == 0

@@ -15,7 +15,7 @@ import torch
 
 from raytrain.data import pieces as pieces_module
 from raytrain.data.files import in_validation
-from raytrain.data.pieces import Piece, PieceSet, read_splits
+from raytrain.data.pieces import HeldOut, Piece, PieceSet, read_splits
 from raytrain.train.loop import piece_batches
 
 FEATURES = 3
@@ -134,3 +134,40 @@ def test_both_splits_in_one_pass_equal_each_read_on_its_own(row_groups):
         assert np.array_equal(x, np.concatenate([p[0] for p in parts]))
         assert np.array_equal(y, np.concatenate([p[1] for p in parts]))
         assert x.flags.writeable and y.dtype == np.int64
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_held_out_rows_kept_from_the_epoch_cover_validation_once(row_groups, world, monkeypatch):
+    monkeypatch.setattr(pieces_module, "MIX_ROWS", 150)
+    x, _ = row_groups
+    train, val = piece_set(row_groups), piece_set(row_groups, keep="val")
+    held_ids = np.flatnonzero(in_validation(x, 0.2)).tolist()
+    kept = [HeldOut.for_split(train, val, world, rank, FEATURES, 1 << 20) for rank in range(world)]
+    for rank, held in enumerate(kept):
+        batches = piece_batches(train, FEATURES, 32, 0, 0, rank, world, lambda t: t, held)
+        plain = piece_batches(train, FEATURES, 32, 0, 0, rank, world, lambda t: t)
+        for (a, ya, ga), (b, yb, gb) in zip(batches, plain, strict=True):  # training unchanged
+            assert torch.equal(a, b) and torch.equal(ya, yb) and ga == gb
+        assert len(held.kept) == len(held.share)  # the epoch read every held-out row
+    ids = [int(i) for held in kept for xb, yb in held.rows() for i in xb[:, 0]]
+    assert sorted(ids) == held_ids  # every held-out row once, across the workers
+    labels = [(int(i), int(label)) for held in kept for xb, yb in held.rows() for i, label in
+              zip(xb[:, 0], yb, strict=True)]  # fmt: skip
+    assert all(label == i % 2 for i, label in labels)
+    # Before any epoch read them, the rows are read on demand: the same rows.
+    fresh = HeldOut.for_split(train, val, world, 0, FEATURES, 1 << 20)
+    first = [int(i) for xb, _ in fresh.rows() for i in xb[:, 0]]
+    assert first == [int(i) for xb, _ in kept[0].rows() for i in xb[:, 0]]
+
+
+def test_held_out_rows_are_read_again_past_the_budget_or_from_a_split_of_their_own(row_groups):
+    train, val = piece_set(row_groups), piece_set(row_groups, keep="val")
+    per_row = 4 * FEATURES + 8
+    largest = max(sum(p.val_rows for p in share) for share in train.deal(2)) * per_row
+    assert HeldOut.for_split(train, val, 2, 0, FEATURES, largest) is not None
+    assert HeldOut.for_split(train, val, 2, 1, FEATURES, largest - 1) is None  # on every rank
+    assert HeldOut.for_split(train, val, 2, 0, FEATURES, largest - 1) is None
+    own = piece_set(row_groups, keep="all")  # data.val_path: other files
+    assert (
+        HeldOut.for_split(piece_set(row_groups, keep="all"), own, 2, 0, FEATURES, 1 << 30) is None
+    )

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from raytrain.data import csvfiles
 from raytrain.data.files import DataError, Source, features_of, in_validation, read_mapped
 from raytrain.data.pieces import Piece
-from raytrain.data.scaling import moments
+from raytrain.data.scaling import split_moments
 
 _PATH = "path"  # the column Ray Data adds with include_paths=True
 
@@ -113,14 +113,14 @@ def scan_row_groups(
                 out.append(found)
                 continue
             found.update(width_min=x.shape[1], width_max=x.shape[1])
-            found["nonfinite"] = int((~np.isfinite(x)).any(axis=1).sum())
-            train = x
+            held_out = None
             if val_fraction:
                 held_out = in_validation(x, val_fraction)
                 found["val_rows"] = int(held_out.sum())
                 found["held_out"] = np.packbits(held_out).tobytes()
-                train = x[~held_out]
-            found["moments"] = moments(train) if not found["nonfinite"] else None
+            found["moments"] = split_moments(x, held_out)  # None: a value is not finite
+            if found["moments"] is None:
+                found["nonfinite"] = int((~np.isfinite(x)).any(axis=1).sum())
             out.append(found)
     return out
 

@@ -96,7 +96,7 @@ class PieceSet:
             return np.array(x), np.array(y, dtype=np.int64)
         held_out = self.held_out(piece, x)
         rows = held_out if self.keep == "val" else ~held_out
-        return x[rows], y[rows].astype(np.int64, copy=False)
+        return _take(rows, x), _take(rows, y).astype(np.int64, copy=False)
 
     def read(
         self, pieces: Sequence[Piece], ahead: bool = True, pick: Callable | None = None
@@ -136,11 +136,12 @@ class PieceSet:
         pieces: Sequence[Piece],
         rng: np.random.Generator,
         prepare: Callable[[np.ndarray, np.ndarray], Any] = lambda x, y: (x, y),
+        pick: Callable | None = None,
     ) -> Iterator[Any]:
         """The pieces in a random order, read into windows of at least ``MIX_ROWS`` rows (or
         what is left), each window's rows in a random order (a copy: writable) and handed to
         ``prepare``. A background thread reads, mixes and prepares the next window while the
-        caller works on this one."""
+        caller works on this one. ``pick`` as for ``read``."""
         order = rng.permutation(len(pieces))
         ready: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
@@ -159,7 +160,7 @@ class PieceSet:
                 held_x: list[np.ndarray] = []
                 held_y: list[np.ndarray] = []
                 held = 0
-                parts = self.read([pieces[j] for j in order], ahead=False)
+                parts = self.read([pieces[j] for j in order], ahead=False, pick=pick)
                 for i, (x, y) in enumerate(parts):
                     held_x.append(x)
                     held_y.append(y)
@@ -187,6 +188,58 @@ class PieceSet:
             producer.join()
 
 
+class HeldOut:
+    """The validation rows of the hashed split, kept as training reads them.
+
+    The hashed split holds its validation rows out of the same row groups the training rows come
+    from, so a worker that reads its row groups for an epoch has its validation rows in hand:
+    kept, validating reads nothing. A worker validates the held-out rows of the row groups it
+    trains on (``share``; the workers' shares cover every row group once), read again only where
+    an epoch has not read them yet. Used only when every worker's held-out rows fit in
+    ``budget`` bytes (``for_split`` decides alike on every worker)."""
+
+    def __init__(self, split: PieceSet, share: Sequence[Piece]):
+        self.split, self.share = split, tuple(share)
+        self.kept: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def for_split(
+        cls, train: PieceSet, val: PieceSet, world: int, rank: int, features: int, budget: int
+    ) -> HeldOut | None:
+        """The cache of worker ``rank``, or None where validation reads ``val`` itself: a
+        validation split of its own (``data.val_path``), or held-out rows over the budget."""
+        hashed = (train.keep, val.keep) == ("train", "val") and train.pieces == val.pieces
+        if not hashed or not train.val_fraction:
+            return None
+        shares = train.deal(world)
+        row_bytes = 4 * features + 8  # float32 features, an int64 label
+        largest = max(sum(p.val_rows for p in share) for share in shares) * row_bytes
+        return cls(train, shares[rank]) if largest <= budget else None
+
+    def pick(self, piece: Piece, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``PieceSet.read``'s pick for the training split: its rows of the piece, and the
+        piece's held-out rows kept."""
+        held_out = self.split.held_out(piece, x)
+        key = (piece.file, piece.row_group)
+        if key not in self.kept:
+            self.kept[key] = (_take(held_out, x), _take(held_out, y).astype(np.int64, copy=False))
+        train = ~held_out
+        return _take(train, x), _take(train, y).astype(np.int64, copy=False)
+
+    def rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The held-out rows of the share, piece by piece: kept, or read now (and kept)."""
+        missing = [p for p in self.share if (p.file, p.row_group) not in self.kept]
+        for _ in self.split.read(missing, ahead=False, pick=self.pick):
+            pass
+        for piece in self.share:
+            yield self.kept[(piece.file, piece.row_group)]
+
+
+def _take(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values[rows]`` for a boolean ``rows``: np.compress, several times faster on 2-D rows."""
+    return np.compress(rows, values, axis=0)
+
+
 _DONE = object()
 
 
@@ -208,20 +261,27 @@ def read_splits(
     ]
     filled = [0, 0]
 
-    def put(which: int, x: np.ndarray, y: np.ndarray) -> None:
-        start, end = filled[which], filled[which] + len(y)
-        arrays[which][0][start:end] = x
-        arrays[which][1][start:end] = y
+    def put(which: int, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Rows ``x``, ``y`` (those where ``rows`` is true) into the split's arrays."""
+        count = len(y) if rows is None else int(rows.sum())
+        start, end = filled[which], filled[which] + count
+        if rows is None:
+            arrays[which][0][start:end] = x
+            arrays[which][1][start:end] = y
+        else:  # straight into place, no copy in between
+            np.compress(rows, x, axis=0, out=arrays[which][0][start:end])
+            np.compress(rows, y, out=arrays[which][1][start:end])
         filled[which] = end
 
     if train.pieces == val.pieces and (train.keep, val.keep) == ("train", "val"):
 
         def both(piece: Piece, x: np.ndarray, y: np.ndarray) -> None:
             held_out = train.held_out(piece, x)
-            put(0, x[~held_out], y[~held_out])
-            put(1, x[held_out], y[held_out])
+            put(0, x, y, ~held_out)
+            put(1, x, y, held_out)
 
-        for _ in train.read(train.pieces, pick=both):
+        # Not ahead: ``both`` does all the work, so a reading thread would only add a hand-over.
+        for _ in train.read(train.pieces, ahead=False, pick=both):
             pass
     else:
         for which, split in enumerate(splits):

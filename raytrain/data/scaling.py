@@ -42,6 +42,44 @@ def moments(x: np.ndarray) -> dict:
     return {"n": len(x), "mean": mean, "m2": np.einsum("ij,ij->j", centred, centred)}
 
 
+_BLOCK_ROWS = 1 << 16  # rows turned into float64 at a time: a few MB, in cache
+
+
+def split_moments(x: np.ndarray, held_out: np.ndarray | None) -> dict | None:
+    """``moments`` of the rows of ``x`` not ``held_out``, or None if any row of ``x`` (held out
+    or not) has a value that is not finite.
+
+    One pass, a block at a time: each block shifted by the first row (so that a feature whose
+    mean is far from 0 loses no precision) and summed, with its squares, by a matrix product
+    against [all rows, held-out rows]; the training rows' sums are the difference. A NaN or an
+    infinity anywhere makes the all-rows sums non-finite (float32 values cannot overflow float64
+    sums), so the finiteness check costs nothing more."""
+    rows, width = x.shape
+    held = held_out if held_out is not None else np.zeros(rows, dtype=bool)
+    n = rows - int(held.sum())
+    if not rows:
+        return {"n": 0, "mean": np.zeros(width), "m2": np.zeros(width)}
+    shift = x[0].astype(np.float64)
+    sums = np.zeros((2, width))  # [all rows, held-out rows]
+    squares = np.zeros((2, width))
+    weights = np.ones((2, min(rows, _BLOCK_ROWS)))
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN or an infinity: None below
+        for start in range(0, rows, _BLOCK_ROWS):
+            block = x[start : start + _BLOCK_ROWS].astype(np.float64)
+            block -= shift
+            w = weights[:, : len(block)]
+            w[1] = held[start : start + len(block)]
+            sums += w @ block
+            block *= block
+            squares += w @ block
+    if not (np.isfinite(sums[0]).all() and np.isfinite(squares[0]).all()):
+        return None
+    s1, s2 = sums[0] - sums[1], squares[0] - squares[1]
+    if not n:
+        return {"n": 0, "mean": np.zeros(width), "m2": np.zeros(width)}
+    return {"n": n, "mean": shift + s1 / n, "m2": np.maximum(s2 - s1 * s1 / n, 0.0)}
+
+
 def partial_moments(batch: pa.Table) -> pa.Table:
     """``moments`` of one batch of ``x``/``y`` rows, as a one-row table (a Ray Data map)."""
     column = batch.column(FEATURES).combine_chunks()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from raytrain.config import Config, TrainConfig
-from raytrain.data.pieces import PieceSet, read_splits
+from raytrain.data.pieces import HeldOut, PieceSet, read_splits
 from raytrain.data.scaling import Scaling
 from raytrain.data.tables import to_arrays, to_tensors
 from raytrain.evaluate import tally
@@ -79,6 +79,8 @@ def epoch_order(rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor
 
 
 _VAL_BATCH = 4096
+# A streamed worker keeps the held-out rows its epochs read, for validation, up to this size.
+HELD_OUT_BYTES = 256 << 20
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor, int]]
 
 
@@ -148,9 +150,11 @@ def piece_batches(
     rank: int,
     world: int,
     scale: Callable,
+    held: HeldOut | None = None,
 ) -> Batches:
     """This worker's deal of the row groups (``PieceSet.deal``), read in a random order seeded
-    by ``(seed, epoch, rank)`` and cut into local batches, features scaled by ``scale``.
+    by ``(seed, epoch, rank)`` and cut into local batches, features scaled by ``scale``; with
+    ``held``, the held-out rows of the row groups read are kept there.
 
     Every worker knows every worker's row count (the deal is the same everywhere), so all take
     the same number of steps: step ``j``'s global batch is the workers' ``j``-th local batches,
@@ -167,7 +171,7 @@ def piece_batches(
         return scale(torch.from_numpy(x)), torch.from_numpy(y)  # in the reading thread
 
     rng = np.random.default_rng([seed, epoch, rank])
-    windows = pieces.windows(shares[rank], rng, prepare)
+    windows = pieces.windows(shares[rank], rng, prepare, held.pick if held else None)
     step = 0
     for step, (xb, yb) in enumerate(local_batches(windows, local_batch), start=1):
         yield xb, yb, global_rows(step - 1)
@@ -259,12 +263,13 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
     local = cfg.batch_size // world  # the driver checked that every worker count divides it
     if args.train_pieces is not None:
         train, val = args.train_pieces, args.val_pieces
+        held = HeldOut.for_split(train, val, world, rank, args.features, HELD_OUT_BYTES)
 
         return (
             lambda epoch: piece_batches(
-                train, args.features, local, cfg.seed, epoch, rank, world, scale
+                train, args.features, local, cfg.seed, epoch, rank, world, scale, held
             ),
-            lambda: val_batches_of(val.read(val.deal(world)[rank]), scale),
+            lambda: val_batches_of(held.rows() if held else val.read(val.deal(world)[rank]), scale),
         )
     shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     return (
