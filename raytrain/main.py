@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from raytrain import cli, config, runs
 from raytrain.cluster import Plan, cluster_address, connect
@@ -33,6 +34,9 @@ from raytrain.report.console import Console
 from raytrain.storage import Location
 from raytrain.train.faults import ENV as FAIL_AT_ENV
 from raytrain.train.faults import parse_fail_at
+
+if TYPE_CHECKING:
+    from raytrain.data.checks import ScanAhead
 
 PROG = "python -m raytrain.main"
 
@@ -193,7 +197,7 @@ def train(args: argparse.Namespace, program: str = PROG) -> int:
     return EXIT_OK
 
 
-def scan_ahead(cfg: Config):
+def scan_ahead(cfg: Config) -> ScanAhead | None:
     """The check of the data files, started now if the driver will scan them itself (files on
     an embedded Ray, ``raytrain.data.checks.ScanAhead``), so that it runs while torch and Ray
     load and Ray starts; else None."""

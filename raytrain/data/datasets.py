@@ -7,8 +7,9 @@ training split, copied once at start-up) or "stream" (every worker reads its sha
 - Synthetic and CSV rows are Ray Datasets: in memory, their Arrow blocks are made once in Ray's
   object store and every worker fetches them; streamed (CSV), Ray Train hands every worker an
   equal shard of the Dataset.
-- Parquet rows are row groups (raytrain.data.pieces) that each worker reads directly: all of
-  them once in memory, its deal of them every epoch when streamed.
+- Parquet rows are row groups (raytrain.data.pieces) that each worker reads directly: in memory,
+  a run of them once (the workers then exchange their rows); streamed, its deal of them every
+  epoch.
 """
 
 from __future__ import annotations
