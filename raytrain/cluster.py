@@ -411,6 +411,11 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def cluster_address(cfg: Config) -> str | None:
+    """The Ray cluster a run joins (``run.address``, else RAY_ADDRESS); None: an embedded Ray."""
+    return cfg.run.address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextmanager
 def connect(cfg: Config, extra_cpus: float = 0) -> Iterator[Plan]:
     """Join the cluster at ``run.address`` / RAY_ADDRESS, or start an embedded Ray; yield the Plan.
@@ -422,7 +427,7 @@ def connect(cfg: Config, extra_cpus: float = 0) -> Iterator[Plan]:
     import ray
 
     started = time.perf_counter()
-    address = cfg.run.address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(cfg)
     if address:
         probe(address)
         try:

@@ -5,7 +5,6 @@ results.json."""
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import threading
 import time
@@ -17,6 +16,7 @@ from ray.train.torch import TorchTrainer
 from raytrain import outcome, runs, tracking
 from raytrain.cluster import Plan
 from raytrain.config import Config
+from raytrain.data.checks import ScanAhead, scan_threads
 from raytrain.data.datasets import Datasets, build_datasets
 from raytrain.errors import UserError
 from raytrain.report.console import Console
@@ -188,9 +188,11 @@ def run(
     console: Console,
     fail_at: tuple[int, int] | None = None,
     report: bool = True,
+    ahead: ScanAhead | None = None,
 ) -> dict[str, Any]:
     """Train (or continue training), validate the best checkpoint on the driver, write
-    results.json (and the report with its plots, unless ``report`` is off)."""
+    results.json (and the report with its plots, unless ``report`` is off). ``ahead``: the
+    check of the data files, started before Ray."""
     started = time.perf_counter()
     # First, so that a run that fails from here on (a sweep's trial with a model that cannot
     # be built, data that cannot be read) is in MLflow too, as FAILED, with its reason.
@@ -200,7 +202,7 @@ def run(
             from raytrain.model import load_model_class
 
             load_model_class(cfg.model.name)
-        datasets = _prepare(cfg, plan, console)
+        datasets = _prepare(cfg, plan, console, ahead)
         clock = {"started": started, "prepared": time.perf_counter()}
         results = _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock)
     except BaseException as e:
@@ -216,11 +218,11 @@ def run(
     return results
 
 
-def _prepare(cfg: Config, plan: Plan, console: Console) -> Datasets:
+def _prepare(cfg: Config, plan: Plan, console: Console, ahead: ScanAhead | None) -> Datasets:
     """The run's datasets, said on the console."""
-    # On an embedded Ray the driver is on the machine with the data: it scans Parquet itself.
-    scan_threads = (os.cpu_count() or 1) if plan.embedded else 0
-    datasets = build_datasets(cfg.data, plan.workers, plan.copies_per_node, scan_threads)
+    datasets = build_datasets(
+        cfg.data, plan.workers, plan.copies_per_node, scan_threads(plan.embedded), ahead
+    )
     console.line(
         f"{'data':>7}  {datasets.source}; {datasets.features} features, "
         f"{datasets.classes} classes; {datasets.train_rows:,} train / "
@@ -253,6 +255,7 @@ def _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, cloc
     times = {
         "ray_start": plan.ray_start_s,
         "data_preparation": clock["prepared"] - started,
+        "data_check": datasets.check_s,
         "fit_window": (fit_started, fit_ended),
         "validation": time.perf_counter() - trained,
         "wall_time_s": {"train": trained - started, "total": time.perf_counter() - started},

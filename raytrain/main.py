@@ -17,9 +17,10 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from raytrain import cli, config, runs
-from raytrain.cluster import Plan, connect
+from raytrain.cluster import Plan, cluster_address, connect
 from raytrain.config import Config
 from raytrain.errors import (
     EXIT_FAILED,
@@ -33,6 +34,9 @@ from raytrain.report.console import Console
 from raytrain.storage import Location
 from raytrain.train.faults import ENV as FAIL_AT_ENV
 from raytrain.train.faults import parse_fail_at
+
+if TYPE_CHECKING:
+    from raytrain.data.checks import ScanAhead
 
 PROG = "python -m raytrain.main"
 
@@ -148,7 +152,7 @@ def train(args: argparse.Namespace, program: str = PROG) -> int:
     """Run the training command; returns the exit code."""
     console = Console()
     started = time.perf_counter()
-    run_dir = None
+    run_dir = ahead = None
     try:
         fail_at = parse_fail_at(os.environ.get(FAIL_AT_ENV))
         cfg, run_dir = prepare(args)
@@ -156,12 +160,15 @@ def train(args: argparse.Namespace, program: str = PROG) -> int:
             from raytrain.model import load_model_class
 
             load_model_class(cfg.model.name)
+        ahead = scan_ahead(cfg)
         # Imported here so that bad input is reported before torch and Ray are loaded.
         from raytrain import driver
 
+        if ahead is not None:
+            ahead.raise_if_failed()  # bad data found already (no such path): said before Ray
         with connect(cfg) as plan:
             console.header(header(cfg, plan, run_dir, resumed=args.resume is not None))
-            driver.run(cfg, plan, run_dir, console, fail_at, report=not args.no_report)
+            driver.run(cfg, plan, run_dir, console, fail_at, not args.no_report, ahead)
     except UserError as e:
         if run_dir is not None and args.resume is None:
             runs.discard_if_unused(run_dir)
@@ -182,9 +189,23 @@ def train(args: argparse.Namespace, program: str = PROG) -> int:
             raise  # a bug: keep its traceback
         console.line(failure_report(e, cfg, run_dir, program))
         return EXIT_FAILED
+    finally:
+        if ahead is not None:
+            ahead.cancel()  # if Ray did not start, or the run ended before it needed the scan
     results = runs.display(run_dir / runs.RESULTS_FILE)
     console.line(f"done in {time.perf_counter() - started:.1f} s; results in {results}")
     return EXIT_OK
+
+
+def scan_ahead(cfg: Config) -> ScanAhead | None:
+    """The check of the data files, started now if the driver will scan them itself (files on
+    an embedded Ray, ``raytrain.data.checks.ScanAhead``), so that it runs while torch and Ray
+    load and Ray starts; else None."""
+    if cfg.data.path is None or cluster_address(cfg) is not None:
+        return None
+    from raytrain.data.checks import ScanAhead, scan_threads
+
+    return ScanAhead(cfg.data, scan_threads(embedded=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

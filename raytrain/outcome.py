@@ -125,6 +125,9 @@ def results(
             fit_window=times["fit_window"],
             validation=times["validation"],
         ),
+        # The up-front check of Parquet files on its own; on an embedded Ray it runs beside the
+        # start-up, and only what is left of it when Ray has started is in data_preparation.
+        "data_check_s": times["data_check"],
         "segments": runs.history(run_dir),
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": cfg.to_dict(),

@@ -13,7 +13,9 @@ then, in each repetition, one after the other:
 - tutorial (once per repetition): raytrain's default run with 2 workers, whose first step is the
   start-up floor the data runs are compared with.
 
-From each raytrain run: its epoch time, the up-front data check (the data_preparation phase), the
+From each raytrain run: its epoch time, the up-front data check (its own time, results.json's
+data_check_s; on an embedded Ray it runs beside Ray's start-up) and what of it the run waited for
+after Ray had started (the data_preparation phase: the check on the critical path), the
 workers' validation of the held-out rows (val_time_s, the slowest worker), the driver's final
 validation, the copy into the workers (worker_data_copy, memory ingest), the time from launch to
 the first training step, and the driver's peak RSS (sampled every 0.1 s; also its own part,
@@ -92,7 +94,8 @@ def raytrain_run(storage: Path, name: str, *flags: str) -> dict:
         "first_step_s": min(w["started_at"] for w in epoch["workers"]) - launched,
         "epoch_s": epoch["epoch_time_s"],
         "rows": epoch["rows"],
-        "data_check_s": phases["data_preparation"],
+        "data_check_s": results["data_check_s"],
+        "data_wait_s": phases["data_preparation"],
         "worker_data_copy_s": phases.get("worker_data_copy"),
         "workers_validation_s": epoch.get("val_time_s"),
         "val_rows": epoch.get("val_rows"),
@@ -228,8 +231,13 @@ def main() -> None:
                 "data_check_s": med(stream, "data_check_s"),
                 "check_ratio": statistics.median(check_ratios),
                 "check_ratios": check_ratios,
+                "data_wait_s": med(stream, "data_wait_s"),
                 "first_step_s": med(stream, "first_step_s"),
                 "first_step_over_tutorial_s": med(stream, "first_step_s") - tutorial_first,
+                "first_step_over_tutorial_each_s": [
+                    s["first_step_s"] - t["first_step_s"]
+                    for s, t in zip(stream, runs["tutorial"], strict=True)
+                ],
                 "workers_validation_s": med(stream, "workers_validation_s"),
                 "val_rows": stream[0]["val_rows"],
                 "driver_validation_s": med(stream, "driver_validation_s"),
@@ -249,6 +257,7 @@ def main() -> None:
         "plain scan s",
         "data check s",
         "x scan",
+        "check waited for s",
         "first step s",
         "vs tutorial s",
         "workers' validation s",
@@ -268,6 +277,7 @@ def main() -> None:
             _f(r["plain_scan_s"]),
             _f(r["data_check_s"]),
             _f(r["check_ratio"], "x"),
+            _f(r["data_wait_s"]),
             _f(r["first_step_s"], "", 1),
             _f(r["first_step_over_tutorial_s"], "", 1, sign=True),
             _f(r["workers_validation_s"]),
@@ -283,8 +293,15 @@ def main() -> None:
     for line in sorted(set(warned)):
         print(f"  {line}")
     for r in table:
-        each = ", ".join(f"{x:.2f}" for x in r["epoch_ratios"])
-        print(f"{r['rows']:,} rows: stream epoch / plain epoch in each repetition: {each}")
+        for what, key, form in (
+            ("stream epoch / plain epoch", "epoch_ratios", "{:.2f}"),
+            ("data check / plain scan", "check_ratios", "{:.2f}"),
+            ("memory copy / plain scan", "copy_ratios", "{:.2f}"),
+            ("first step - tutorial's (s)", "first_step_over_tutorial_each_s", "{:+.1f}"),
+        ):
+            if r[key]:
+                each = ", ".join(form.format(x) for x in r[key])
+                print(f"{r['rows']:,} rows: {what} in each repetition: {each}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {

@@ -3,12 +3,16 @@ bad data refused up front with the file and column named, and a user's own model
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import CancelledError
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raytrain.config import DataConfig
+from raytrain.data import checks, files
 from raytrain.data.datasets import build_datasets
 from raytrain.data.files import DataError, in_validation
 from raytrain.errors import EXIT_USAGE
@@ -16,7 +20,7 @@ from raytrain.main import main
 
 from .conftest import one_error_line, run_module
 
-pytestmark = pytest.mark.ray  # all but two start Ray; those two are cheap
+pytestmark = pytest.mark.ray  # most start Ray; the rest are cheap
 
 
 def generate(out, rows, *extra):
@@ -216,6 +220,33 @@ def test_bad_data_is_refused_before_training(ray_session, tmp_path, make):
         assert needle in message, message
 
 
+@pytest.mark.parametrize("make", BAD, ids=[f.__name__ for f in BAD])
+def test_the_check_ahead_of_ray_refuses_the_same(tmp_path, make):
+    """On an embedded Ray the driver's threads check the files while Ray starts (no Ray needed):
+    the same one-line errors as the Ray tasks' scan above."""
+    where = tmp_path / "data"
+    needles = make(where)
+    ahead = checks.ScanAhead(DataConfig(path=str(where)), threads=2)
+    with pytest.raises(DataError) as caught:
+        ahead.result()
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_a_stopped_check_reads_no_further(tmp_path):
+    x, y = _good()
+    for name in ("a", "b", "c"):
+        _write(tmp_path / "data" / f"{name}.parquet", _fixed(x), pa.array(y))
+    source = files.find(str(tmp_path / "data"), ("x",), "y")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CancelledError):
+        checks.scan_parquet(source, 0.2, threads=2, stop=stop)
+    assert checks.scan_parquet(source, 0.2, threads=2).files  # not stopped: scanned
+
+
 def test_validation_labels_outside_the_training_classes(ray_session, tmp_path):
     x, y = _good()
     _write(tmp_path / "train" / "t.parquet", _fixed(x), pa.array(y))
@@ -236,6 +267,18 @@ def test_bad_data_from_the_command_line_is_one_line_and_exit_2(tmp_path):
         str(tmp_path / "runs"),
     )
     assert "c.parquet" in one_error_line(proc)
+
+
+def test_a_data_path_that_does_not_exist_is_said_before_ray_starts(tmp_path):
+    proc = run_module(
+        "raytrain.main",
+        "--set",
+        f"data.path={tmp_path / 'nowhere'}",
+        "--storage-path",
+        str(tmp_path / "runs"),
+    )
+    assert "does not exist" in one_error_line(proc)
+    assert proc.stdout == ""  # the run's header, printed once Ray has started, never came
 
 
 def test_auto_ingest_counts_one_copy_per_worker_on_a_node(ray_session, parquet_7x3):

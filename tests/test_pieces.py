@@ -5,6 +5,9 @@ batch what the workers' local batches add up to, the same seed the same order.""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -12,11 +15,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.multiprocessing
 
 from raytrain.data import pieces as pieces_module
 from raytrain.data.files import in_validation
-from raytrain.data.pieces import HeldOut, Piece, PieceSet, read_splits
-from raytrain.train.loop import piece_batches
+from raytrain.data.pieces import HeldOut, Piece, PieceSet, read_share, runs_of
+from raytrain.train.loop import exchange_rows, piece_batches
 
 FEATURES = 3
 
@@ -128,7 +132,8 @@ def test_the_scans_held_out_bits_split_rows_as_hashing_does(row_groups):
 
 def test_both_splits_in_one_pass_equal_each_read_on_its_own(row_groups):
     train, val = piece_set(row_groups), piece_set(row_groups, keep="val")
-    both = read_splits(train, val, FEATURES)
+    share = read_share(train, val, FEATURES)  # one worker: all of it
+    both = ((share.x, share.y), (share.val_x, share.val_y))
     for split, (x, y) in zip((train, val), both, strict=True):
         parts = list(split.read(split.pieces))
         assert np.array_equal(x, np.concatenate([p[0] for p in parts]))
@@ -171,3 +176,47 @@ def test_held_out_rows_are_read_again_past_the_budget_or_from_a_split_of_their_o
     assert (
         HeldOut.for_split(piece_set(row_groups, keep="all"), own, 2, 0, FEATURES, 1 << 30) is None
     )
+
+
+def _exchange(rank: int, world: int, port: int, train: PieceSet, val: PieceSet, out) -> None:
+    """One worker of ``test_workers_read_a_run_each_and_exchange_the_rest`` (a process)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        share = read_share(train, val, FEATURES, rank, world)
+        start, end = share.bounds[rank]
+        read_ids = share.x[start:end, 0].copy()
+        exchange_rows((torch.from_numpy(share.x), torch.from_numpy(share.y)), share.bounds, world)
+        np.savez(out / f"{rank}.npz", x=share.x, y=share.y, read=read_ids, val=share.val_x[:, 0])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("keep", ["hashed", "separate"])
+def test_workers_read_a_run_each_and_exchange_the_rest(row_groups, tmp_path, world, keep):
+    """In memory, each worker reads a run of the row groups and gets the rest from the others
+    over gloo (real processes): every worker ends with the whole training split, exactly as
+    one worker reading all of it; every validation row is some worker's, once."""
+    train, val = piece_set(row_groups), piece_set(row_groups, keep="val")
+    if keep == "separate":  # validation files of their own: the first file's row groups
+        found = row_groups[1]
+        train = dataclasses.replace(train, keep="all", val_fraction=0.0)
+        val = dataclasses.replace(train, pieces=tuple(p for p in found if "a.parquet" in p.file))
+    runs = runs_of(train, world)
+    assert runs[0][0] == 0 and runs[-1][1] == len(train.pieces)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))  # consecutive, all of them
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_exchange, (world, port, train, val, tmp_path), nprocs=world)
+    whole = read_share(train, val, FEATURES)
+    got = [np.load(tmp_path / f"{rank}.npz") for rank in range(world)]
+    for found in got:
+        assert np.array_equal(found["x"], whole.x) and np.array_equal(found["y"], whole.y)
+    read = np.concatenate([found["read"] for found in got])
+    assert np.array_equal(read, whole.x[:, 0])  # each row read by one worker only
+    sizes = [len(found["read"]) for found in got]
+    assert max(sizes) - min(sizes) <= max(p.rows for p in train.pieces)  # about equal runs
+    val_ids = np.concatenate([found["val"] for found in got])
+    assert np.array_equal(val_ids, whole.val_x[:, 0])  # every validation row once, in order

@@ -79,9 +79,14 @@ def test_csv_trains_exactly_as_the_same_rows_in_parquet(train, parquet_run, tmp_
     from_csv = train(*data_flags(tmp_path / "csv"), "scaling.workers=2")
     from_parquet = parquet_run
     assert "CSV" in from_csv.console
-    assert from_csv.results["validation"] == {
-        **from_parquet.results["validation"],
-        "validated_by": from_csv.results["validation"]["validated_by"],
+    # The same validation; its loss is a sum in another order (CSV rows are shared out to the
+    # workers one by one, Parquet's by row groups), so equal to float32's precision.
+    csv_val, parquet_val = from_csv.results["validation"], from_parquet.results["validation"]
+    assert csv_val["loss"] == pytest.approx(parquet_val["loss"], rel=1e-6)
+    assert {**csv_val, "loss": None} == {
+        **parquet_val,
+        "loss": None,
+        "validated_by": csv_val["validated_by"],
     }
     assert [r["loss"] for r in from_csv.metrics] == [r["loss"] for r in from_parquet.metrics]
 

@@ -2,17 +2,21 @@
 their schemas): per-file statistics computed where the data is, in parallel, a few numbers per
 file on the driver, and a one-line DataError for the first bad thing found.
 
-Parquet is scanned by Ray tasks, a few row groups each, read with pyarrow; the same pass counts
-each row group's held-out rows (for dealing row groups to workers, raytrain.data.pieces) and the
-training rows' feature moments (for scaling), so the data is read once before training. CSV is
-scanned by Ray Data.
+Parquet is scanned a few row groups at a time, read with pyarrow: on the driver's threads when Ray
+is embedded (started before Ray, beside its start-up: ``ScanAhead``), as Ray tasks on a cluster.
+The same pass counts each row group's held-out rows (for dealing row groups to workers,
+raytrain.data.pieces) and the training rows' feature moments (for scaling), so the data is read
+once before training. CSV is scanned by Ray Data.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raytrain.data import csvfiles
+from raytrain.config import DataConfig
+from raytrain.data import csvfiles, files
 from raytrain.data.files import DataError, Source, features_of, in_validation, read_mapped
 from raytrain.data.pieces import Piece
 from raytrain.data.scaling import split_moments
@@ -125,12 +130,15 @@ def scan_row_groups(
     return out
 
 
-def scan_parquet(source: Source, val_fraction: float, threads: int = 0) -> ParquetScan:
+def scan_parquet(
+    source: Source, val_fraction: float, threads: int = 0, stop: threading.Event | None = None
+) -> ParquetScan:
     """One parallel pass over every row group: statistics, and DataError for bad rows.
 
     ``threads`` > 0: in this process, on that many threads (an embedded Ray's driver is on the
     machine with the data, and starting Ray worker processes for the tasks would cost more than
-    the scan); 0: as Ray tasks, wherever the cluster has CPUs.
+    the scan); 0: as Ray tasks, wherever the cluster has CPUs. ``stop`` set: the threads read
+    no further row group and CancelledError is raised.
     """
     jobs: list[tuple[str, list[int]]] = []
     by_file: dict[str, list[tuple[int, int]]] = {}
@@ -147,10 +155,15 @@ def scan_parquet(source: Source, val_fraction: float, threads: int = 0) -> Parqu
                 chunk, held = [], 0
     read = (source.feature_columns, source.label_column, val_fraction)
     if threads:
+        stop = stop or threading.Event()
+
+        def work(job: tuple[str, list[int]]) -> list[dict]:
+            return [] if stop.is_set() else scan_row_groups(source.filesystem, *job, *read)
+
         with ThreadPoolExecutor(threads, thread_name_prefix="raytrain-scan") as pool:
-            results = list(
-                pool.map(lambda job: scan_row_groups(source.filesystem, *job, *read), jobs)
-            )
+            results = list(pool.map(work, jobs))
+        if stop.is_set():
+            raise CancelledError()
     else:
         import ray
 
@@ -167,6 +180,63 @@ def scan_parquet(source: Source, val_fraction: float, threads: int = 0) -> Parqu
                 moments.append(part["moments"])
     _raise_for_bad_rows(source, stats)
     return ParquetScan(stats, tuple(pieces), moments)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A run's data files and, when all of them are Parquet, their scan (CSV is scanned by Ray
+    Data, once Ray runs)."""
+
+    train: Source
+    val: Source | None  # data.val_path's files
+    train_scan: ParquetScan | None  # None: not all Parquet
+    val_scan: ParquetScan | None
+    seconds: float  # finding and scanning them
+
+
+def scan_files(cfg: DataConfig, threads: int, stop: threading.Event | None = None) -> Found:
+    """Find the files of ``cfg.path`` (and ``cfg.val_path``) and scan them if they are Parquet
+    (``scan_parquet``: on ``threads`` threads, or as Ray tasks if 0)."""
+    started = time.perf_counter()
+    train = files.find(cfg.path, cfg.feature_columns, cfg.label_column)
+    val = files.find(cfg.val_path, cfg.feature_columns, cfg.label_column) if cfg.val_path else None
+    if train.format != "parquet" or (val is not None and val.format != "parquet"):
+        return Found(train, val, None, None, time.perf_counter() - started)
+    train_scan = scan_parquet(train, 0.0 if val else cfg.val_fraction, threads, stop)
+    val_scan = scan_parquet(val, 0.0, threads, stop) if val else None
+    return Found(train, val, train_scan, val_scan, time.perf_counter() - started)
+
+
+def scan_threads(embedded: bool) -> int:
+    """Threads of the driver that scan Parquet: all its cores on an embedded Ray (the driver is
+    on the machine with the data); none on a cluster, where Ray tasks scan the files."""
+    return (os.cpu_count() or 1) if embedded else 0
+
+
+class ScanAhead:
+    """``scan_files`` on a thread of its own, started before torch and Ray are imported and Ray
+    starts: an embedded Ray's driver scans Parquet on its own threads, which need no Ray, so
+    the check runs beside the start-up instead of after it. ``result()`` waits for it and
+    raises what it raised (a DataError: the same one-line error as a scan after Ray's start);
+    ``cancel()`` stops it after the row groups being read."""
+
+    def __init__(self, cfg: DataConfig, threads: int) -> None:
+        self._stop = threading.Event()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="raytrain-scan-ahead")
+        self._future = pool.submit(scan_files, cfg, threads, self._stop)
+        pool.shutdown(wait=False)
+
+    def result(self) -> Found:
+        return self._future.result()
+
+    def raise_if_failed(self) -> None:
+        """Raise now what the scan raised, if it has already failed (a path that does not
+        exist fails at once: said before Ray starts)."""
+        if self._future.done() and self._future.exception() is not None:
+            self.result()
+
+    def cancel(self) -> None:
+        self._stop.set()
 
 
 def _add(s: FileStats, row: dict) -> None:

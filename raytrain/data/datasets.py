@@ -7,8 +7,9 @@ training split, copied once at start-up) or "stream" (every worker reads its sha
 - Synthetic and CSV rows are Ray Datasets: in memory, their Arrow blocks are made once in Ray's
   object store and every worker fetches them; streamed (CSV), Ray Train hands every worker an
   equal shard of the Dataset.
-- Parquet rows are row groups (raytrain.data.pieces) that each worker reads directly: all of
-  them once in memory, its deal of them every epoch when streamed.
+- Parquet rows are row groups (raytrain.data.pieces) that each worker reads directly: in memory,
+  a run of them once (the workers then exchange their rows); streamed, its deal of them every
+  epoch.
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ class Datasets:
     # Parquet: the row groups of each split, read by the workers themselves.
     train_pieces: PieceSet | None = None
     val_pieces: PieceSet | None = None
+    check_s: float | None = None  # the up-front check of Parquet files (maybe beside Ray's start)
 
 
 def build_datasets(
-    cfg: DataConfig, workers: int = 1, copies_per_node: int = 1, scan_threads: int = 0
+    cfg: DataConfig,
+    workers: int = 1,
+    copies_per_node: int = 1,
+    scan_threads: int = 0,
+    ahead: checks.ScanAhead | None = None,
 ) -> Datasets:
     """Ray Datasets for the train and validation splits (needs a connected Ray), and the
     training split's feature statistics when ``cfg.normalize`` asks for scaling.
@@ -58,12 +64,13 @@ def build_datasets(
     ``copies_per_node``: how many workers (each with its own copy of an in-memory split) can
     share one node; 'auto' ingest compares that many copies with ``cfg.memory_limit_mb``.
     ``scan_threads``: scan Parquet on this many threads of this process (embedded Ray), or as
-    Ray tasks on the cluster (0).
+    Ray tasks on the cluster (0). ``ahead``: the check of the files, already started.
     """
     if cfg.path is None:
         datasets = _synthetic_datasets(cfg)
     else:
-        datasets = _file_datasets(cfg, workers, copies_per_node, scan_threads)
+        found = ahead.result() if ahead is not None else checks.scan_files(cfg, scan_threads)
+        datasets = _file_datasets(cfg, found, workers, copies_per_node, scan_threads)
     if datasets.train is None:  # Parquet: the scan already measured what scaling needs
         return datasets
     train = datasets.train
@@ -95,17 +102,12 @@ _KINDS = {"parquet": "Parquet", "csv": "CSV"}
 
 
 def _file_datasets(
-    cfg: DataConfig, workers: int, copies_per_node: int, scan_threads: int
+    cfg: DataConfig, found: checks.Found, workers: int, copies_per_node: int, scan_threads: int
 ) -> Datasets:
-    train_source = files.find(cfg.path, cfg.feature_columns, cfg.label_column)
+    train_source, val_source = found.train, found.val
+    if found.train_scan is not None:
+        return _parquet_datasets(cfg, found, workers, copies_per_node)
     hashed = 0.0 if cfg.val_path else cfg.val_fraction
-    val_source = (
-        files.find(cfg.val_path, cfg.feature_columns, cfg.label_column) if cfg.val_path else None
-    )
-    if train_source.format == "parquet" and (val_source is None or val_source.format == "parquet"):
-        return _parquet_datasets(
-            cfg, train_source, val_source, workers, copies_per_node, scan_threads
-        )
     train_stats = checks.scan(train_source, hashed)
     rows = sum(s.rows for s in train_stats.values())
     held_out = sum(s.val_rows for s in train_stats.values())  # 0 with a separate val_path
@@ -138,19 +140,14 @@ def _file_datasets(
 
 
 def _parquet_datasets(
-    cfg: DataConfig,
-    train_source: files.Source,
-    val_source: files.Source | None,
-    workers: int,
-    copies_per_node: int,
-    scan_threads: int,
+    cfg: DataConfig, found: checks.Found, workers: int, copies_per_node: int
 ) -> Datasets:
+    train_source, val_source = found.train, found.val
+    scanned, val_scan = found.train_scan, found.val_scan
     hashed = 0.0 if val_source is not None else cfg.val_fraction
-    scanned = checks.scan_parquet(train_source, hashed, scan_threads)
     width, classes = _shape(scanned.files)
     read = (train_source.filesystem, train_source.feature_columns, train_source.label_column)
     if val_source is not None:
-        val_scan = checks.scan_parquet(val_source, 0.0, scan_threads)
         checks.check_validation(val_scan.files, width, classes)
         train = PieceSet(*read, scanned.pieces)
         val_read = (val_source.filesystem, val_source.feature_columns, val_source.label_column)
@@ -173,6 +170,7 @@ def _parquet_datasets(
         scaling=combine(scanned.moments) if scaled else None,
         train_pieces=train,
         val_pieces=val,
+        check_s=found.seconds,
     )
 
 

@@ -248,43 +248,87 @@ class _Failed:
     error: BaseException
 
 
-def read_splits(
-    train: PieceSet, val: PieceSet, features: int
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Every row of the training and the validation split, each as ``(x, y)`` in file order,
-    copied once into arrays of their final size. When the two are sides of the same row groups
-    (the hashed split), each row group is read once for both."""
-    splits = (train, val)
-    arrays = [
-        (np.empty((s.total_rows, features), np.float32), np.empty(s.total_rows, np.int64))
-        for s in splits
-    ]
-    filled = [0, 0]
+def runs_of(split: PieceSet, world: int) -> list[tuple[int, int]]:
+    """The split's pieces cut into ``world`` runs of consecutive pieces with about equal rows:
+    ``(first, end)`` piece indexes per worker (a run may be empty if pieces are few)."""
+    cum = np.cumsum([split.rows(p) for p in split.pieces], dtype=np.int64)
+    total = int(cum[-1]) if len(cum) else 0
+    cuts = [0]
+    for k in range(1, world):
+        target = total * k / world
+        i = int(np.searchsorted(cum, target))  # the first piece that reaches the target
+        before = int(cum[i - 1]) if i > 0 else 0
+        if i < len(cum) and cum[i] - target < target - before:
+            i += 1  # ending after piece i lands closer to an equal share
+        cuts.append(max(cuts[-1], min(i, len(cum))))
+    cuts.append(len(cum))
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
-    def put(which: int, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> None:
-        """Rows ``x``, ``y`` (those where ``rows`` is true) into the split's arrays."""
-        count = len(y) if rows is None else int(rows.sum())
-        start, end = filled[which], filled[which] + count
+
+@dataclass(frozen=True)
+class MemoryShare:
+    """What one worker reads of the splits held in memory (``read_share``): the whole training
+    split's arrays, of which only its own rows are filled until the workers exchange them, each
+    worker's row range in them, and its share of the validation rows."""
+
+    x: np.ndarray
+    y: np.ndarray
+    bounds: list[tuple[int, int]]  # per rank: (start, end) rows of x, y read by that rank
+    val_x: np.ndarray
+    val_y: np.ndarray
+
+
+def read_share(
+    train: PieceSet,
+    val: PieceSet,
+    features: int,
+    rank: int = 0,
+    world: int = 1,
+    empty: Callable[..., np.ndarray] = np.empty,
+) -> MemoryShare:
+    """This worker's run of consecutive pieces (``runs_of``) read into place: its training rows
+    into arrays of the whole split's size, in file order, and the validation rows of its run
+    (of the validation pieces' run, with separate validation files), copied once. When the two
+    splits are sides of the same row groups (the hashed split), each row group is read once for
+    both. With ``world`` 1 every row is read. ``empty(shape, dtype)`` allocates the arrays."""
+    train_runs = runs_of(train, world)
+    starts = np.cumsum([0, *(train.rows(p) for p in train.pieces)])
+    bounds = [(int(starts[a]), int(starts[b])) for a, b in train_runs]
+    first, end = train_runs[rank]
+    same = train.pieces == val.pieces and (train.keep, val.keep) == ("train", "val")
+    val_first, val_end = (first, end) if same else runs_of(val, world)[rank]
+    val_rows = sum(val.rows(p) for p in val.pieces[val_first:val_end])
+    x, y = empty((train.total_rows, features), np.float32), empty(train.total_rows, np.int64)
+    val_x, val_y = empty((val_rows, features), np.float32), empty(val_rows, np.int64)
+    arrays = [(x, y), (val_x, val_y)]
+    filled = [bounds[rank][0], 0]
+
+    def put(which: int, part_x: np.ndarray, part_y: np.ndarray, rows=None) -> None:
+        """Rows ``part_x``, ``part_y`` (those where ``rows`` is true) into place."""
+        count = len(part_y) if rows is None else int(rows.sum())
+        start, stop = filled[which], filled[which] + count
         if rows is None:
-            arrays[which][0][start:end] = x
-            arrays[which][1][start:end] = y
+            arrays[which][0][start:stop] = part_x
+            arrays[which][1][start:stop] = part_y
         else:  # straight into place, no copy in between
-            np.compress(rows, x, axis=0, out=arrays[which][0][start:end])
-            np.compress(rows, y, out=arrays[which][1][start:end])
-        filled[which] = end
+            np.compress(rows, part_x, axis=0, out=arrays[which][0][start:stop])
+            np.compress(rows, part_y, out=arrays[which][1][start:stop])
+        filled[which] = stop
 
-    if train.pieces == val.pieces and (train.keep, val.keep) == ("train", "val"):
+    if same:
 
-        def both(piece: Piece, x: np.ndarray, y: np.ndarray) -> None:
-            held_out = train.held_out(piece, x)
-            put(0, x, y, ~held_out)
-            put(1, x, y, held_out)
+        def both(piece: Piece, part_x: np.ndarray, part_y: np.ndarray) -> None:
+            held_out = train.held_out(piece, part_x)
+            put(0, part_x, part_y, ~held_out)
+            put(1, part_x, part_y, held_out)
 
         # Not ahead: ``both`` does all the work, so a reading thread would only add a hand-over.
-        for _ in train.read(train.pieces, ahead=False, pick=both):
+        for _ in train.read(train.pieces[first:end], ahead=False, pick=both):
             pass
     else:
-        for which, split in enumerate(splits):
-            for x, y in split.read(split.pieces):
-                put(which, x, y)
-    return arrays[0], arrays[1]
+        for which, (split, pieces) in enumerate(
+            ((train, train.pieces[first:end]), (val, val.pieces[val_first:val_end]))
+        ):
+            for part_x, part_y in split.read(pieces):
+                put(which, part_x, part_y)
+    return MemoryShare(x, y, bounds, val_x, val_y)

@@ -28,11 +28,20 @@ class Scaling:
 
     def apply(self, x):
         """``(x - mean) / std`` for a torch tensor of rows (a std of 0 divides by 1)."""
+        mean, std = self._tensors(x.dtype)
+        return (x - mean) / std
+
+    def apply_(self, x):
+        """``apply``, in place (no copy of the rows); returns ``x``."""
+        mean, std = self._tensors(x.dtype)
+        return x.sub_(mean).div_(std)
+
+    def _tensors(self, dtype):
         import torch
 
-        mean = torch.tensor(self.mean, dtype=x.dtype)
-        std = torch.tensor(self.std, dtype=x.dtype)
-        return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+        mean = torch.tensor(self.mean, dtype=dtype)
+        std = torch.tensor(self.std, dtype=dtype)
+        return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
 def moments(x: np.ndarray) -> dict:

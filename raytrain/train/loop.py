@@ -20,7 +20,7 @@ the command line, the console or where it runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from raytrain.config import Config, TrainConfig
-from raytrain.data.pieces import HeldOut, PieceSet, read_splits
+from raytrain.data.pieces import HeldOut, PieceSet, read_share
 from raytrain.data.scaling import Scaling
 from raytrain.data.tables import to_arrays, to_tensors
 from raytrain.evaluate import tally
@@ -239,15 +239,25 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
     scale = args.scaling.apply if args.scaling is not None else (lambda x: x)
     if args.ingest == "memory":
         # Small enough to hold: the splits copied into tensors once, instead of reading them
-        # again every epoch. Validation: rows rank, rank + W, ...
+        # again every epoch, and scaled in place.
+        scale_ = args.scaling.apply_ if args.scaling is not None else (lambda x: x)
         if args.train_pieces is not None:
-            train, val = read_splits(args.train_pieces, args.val_pieces, args.features)
-            (x, y), (val_x, val_y) = map(torch.from_numpy, train), map(torch.from_numpy, val)
-        else:
+            # Each worker reads a run of the row groups, then the workers exchange their rows;
+            # it validates the held-out rows of its run.
+            share = read_share(
+                args.train_pieces, args.val_pieces, args.features, rank, world, torch_empty
+            )
+            x, y = torch.from_numpy(share.x), torch.from_numpy(share.y)
+            val_x, val_y = torch.from_numpy(share.val_x), torch.from_numpy(share.val_y)
+            start, end = share.bounds[rank]
+            scale_(x[start:end])
+            scale_(val_x)
+            exchange_rows((x, y), share.bounds, world)
+        else:  # every worker fetches every block; validates rows rank, rank + W, ...
             x, y = to_tensors(ray.get(list(args.blocks)))
             val_x, val_y = to_tensors(ray.get(list(args.val_blocks)))
-        x = scale(x)
-        val_x, val_y = scale(val_x[rank::world]), val_y[rank::world]
+            scale_(x)
+            val_x, val_y = scale_(val_x[rank::world].clone()), val_y[rank::world]
 
         def train_batches(epoch: int) -> Batches:
             order = epoch_order(len(y), cfg.seed, epoch, cfg.shuffle)
@@ -282,6 +292,27 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
             scale,
         ),
     )
+
+
+def torch_empty(shape, dtype) -> np.ndarray:
+    """``np.empty`` in memory from torch's allocator. NumPy asks the kernel for huge pages for
+    large arrays, and the first touch of such memory can stall on compaction: receiving 160 MB
+    of rows from another worker into it took 0.45 s here, 0.1 s into torch's."""
+    return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).numpy()
+
+
+def exchange_rows(
+    tensors: tuple[torch.Tensor, ...], bounds: Sequence[tuple[int, int]], world: int
+) -> None:
+    """Fill in the rows other workers read: every rank's ``bounds`` rows of each tensor are
+    broadcast from it to the others over the process group (gloo; 0.1-0.3 s for 400 MB on one
+    machine, measured), so each worker reads only its part of the files."""
+    if world == 1:
+        return
+    for source, (start, end) in enumerate(bounds):
+        if end > start:
+            for tensor in tensors:
+                torch.distributed.broadcast(tensor[start:end], src=source)
 
 
 def validate(
