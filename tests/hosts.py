@@ -70,6 +70,10 @@ def _ip(*args: str) -> str:
     return proc.stdout
 
 
+def _link_exists(name: str) -> bool:
+    return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
+
+
 def _free_subnet() -> ipaddress.IPv4Network:
     """A random 10.<100-250>.<0-255>.0/24 that no route or address of this machine touches."""
     used = []
@@ -415,11 +419,14 @@ class Hosts:
             except HostsError as e:
                 problems.append(str(e))
         for veth in self._veths:
-            if subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode == 0:
+            # The kernel removes a deleted namespace's devices in the background, so the outside
+            # end may still be listed for a moment and then vanish under `ip link del`.
+            if _link_exists(veth):
                 try:
                     _ip("link", "del", veth)
                 except HostsError as e:
-                    problems.append(str(e))
+                    if _link_exists(veth):
+                        problems.append(str(e))
         if self._created_bridge:
             try:
                 _ip("link", "del", self.bridge)
