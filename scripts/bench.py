@@ -9,6 +9,9 @@ on 200,000 rows) it runs, interleaved so that machine noise hits all alike, REPS
             the engine's fixed cost, the floor raytrain cannot go below (scripts/baselines/noop.py)
   noop+DDP  the same, whose loop also wraps the tutorial's model in DDP and builds its optimizer
             first (tutorial only): the floor of any DDP program on Ray Train
+  ray plain / ray DDP
+            the same, whose workers run plain's loop (1 worker x 2 threads) or torchrun's DDP loop
+            (2 workers x 1 thread) (compute only): the floor of training inside Ray Train
   raytrain  python -m raytrain.main --workers N
 
 and reports medians of: wall time, time from launch to the first training step (and the share of it
@@ -88,7 +91,10 @@ def variants(workload: str) -> dict[str, list[str]]:
         "plain 1 thread": [PY, str(BASE / "plain.py"), "compute", "1"],
         "plain 2 threads": [PY, str(BASE / "plain.py"), "compute", "2"],
         "torchrun x2": [*torchrun, "--nproc_per_node=2", str(BASE / "ddp.py"), "compute"],
-        "ray noop x2": [PY, str(BASE / "noop.py"), "2"],
+        # plain.py's and ddp.py's loops inside Ray Train: what training beside a running Ray
+        # costs a loop that has nothing of raytrain's.
+        "ray plain 1x2": [PY, str(BASE / "noop.py"), "1", "train", "compute", "2"],
+        "ray DDP 2x1": [PY, str(BASE / "noop.py"), "2", "train", "compute", "1"],
         "raytrain 2x1": [PY, "-m", "raytrain.main", "--workers", "2", "--batch-size", "512", *mlp],
         "raytrain 1x2": [
             PY,
@@ -103,6 +109,14 @@ def variants(workload: str) -> dict[str, list[str]]:
             *mlp,
         ],
     }
+
+
+# raytrain, the same loop without raytrain inside Ray Train, and the same loop without Ray: the
+# first two apart are what raytrain costs, the last two apart what training beside Ray costs.
+FLOORS = [
+    ("raytrain 1x2", "ray plain 1x2", "plain 2 threads"),
+    ("raytrain 2x1", "ray DDP 2x1", "torchrun x2"),
+]
 
 
 # ---- memory: PSS summed over the process tree ----------------------------------------------------
@@ -278,6 +292,13 @@ def main() -> None:
         ratios["compute: raytrain 1x2 / raytrain 2x1 samples/s"] = (
             one["samples_per_s"] / two["samples_per_s"]
         )
+        for ours, floor, theirs in FLOORS:
+            ratios[f"compute: {floor} / {theirs} samples/s"] = (
+                c[floor]["samples_per_s"] / c[theirs]["samples_per_s"]
+            )
+            ratios[f"compute: {ours} / {floor} samples/s"] = (
+                c[ours]["samples_per_s"] / c[floor]["samples_per_s"]
+            )
 
     # The goals hold in every repetition, not only in the medians: each repetition's own ratios.
     def per_rep(workload: str, ours: str, theirs: str, key: str) -> list[float]:
@@ -299,6 +320,13 @@ def main() -> None:
         each["compute: raytrain 1x2 / plain 2 threads samples/s"] = per_rep(
             "compute", "raytrain 1x2", "plain 2 threads", "samples_per_s"
         )
+        for ours, floor, theirs in FLOORS:
+            each[f"compute: {floor} / {theirs} samples/s"] = per_rep(
+                "compute", floor, theirs, "samples_per_s"
+            )
+            each[f"compute: {ours} / {floor} samples/s"] = per_rep(
+                "compute", ours, floor, "samples_per_s"
+            )
         c = medians["compute"]
         ratios["compute: raytrain 1x2 / plain 2 threads samples/s"] = (
             c["raytrain 1x2"]["samples_per_s"] / c["plain 2 threads"]["samples_per_s"]

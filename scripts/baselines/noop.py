@@ -1,11 +1,16 @@
 """Ray Train's fixed cost: the same TorchTrainer set-up as raytrain (embedded Ray with the same
-settings, the same worker count and CPUs), whose loop does nothing but report once.
+settings, the same worker count and CPUs), whose loop does nothing of raytrain's.
 
-    python noop.py WORKERS          # the floor
+    python noop.py WORKERS          # the floor: the loop only reports once
     python noop.py WORKERS ddp      # the floor of a DDP program: the loop also builds the tutorial's
                                     # model, wraps it in DDP and makes its optimizer, then reports
+    python noop.py WORKERS train WORKLOAD CPUS
+                                    # the floor of training inside Ray Train: each worker (CPUS
+                                    # cores, as many torch threads) runs plain.py's loop (ddp.py's
+                                    # with several workers) on WORKLOAD, then reports once
 """  # noqa: E501
 
+import json
 import os
 import sys
 import tempfile
@@ -21,24 +26,52 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from raytrain import cluster, config  # noqa: E402
 
 STAMP = tempfile.mktemp(prefix="raytrain-noop-first-step-")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def train_as_plain(workload: str, cpus: int) -> dict:
+    """plain.py's loop (ddp.py's on several workers) in this worker: its BENCH result."""
+    sys.path.insert(0, HERE)
+    from common import WORKLOADS, data, model, train
+
+    w = WORKLOADS[workload]
+    torch.set_num_threads(cpus)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    x, y = data(w)
+    share = len(y) // world
+    x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    batch = w["batch"] if w["epochs"] == 1 else w["batch"] // world
+    result = train(ray.train.torch.prepare_model(model(w)), x, y, w, batch)
+    result["samples_per_s"] *= world
+    return result
 
 
 def loop(config):
-    if config["ddp"]:
+    result = {}
+    if config["mode"] == "ddp":
         model = ray.train.torch.prepare_model(torch.nn.Linear(10, 2))
         torch.optim.SGD(model.parameters(), lr=0.01)
+    elif config["mode"] == "train":
+        result = train_as_plain(config["workload"], config["cpus"])
     if ray.train.get_context().get_world_rank() == 0:
+        result.setdefault("first_step_at", time.time())
         with open(config["stamp"], "w") as f:
-            f.write(str(time.time()))
+            f.write(json.dumps(result))
     ray.train.report({})
 
 
 workers = int(sys.argv[1])
-cfg = config.load(flags={"scaling.workers": workers})
+mode = sys.argv[2] if len(sys.argv) > 2 else "noop"
+workload, cpus = (sys.argv[3], int(sys.argv[4])) if mode == "train" else (None, 1)
+flags = {"scaling.workers": workers}
+if mode == "train":
+    flags["scaling.cpus_per_worker"] = cpus
+cfg = config.load(flags=flags)
 with cluster.connect(cfg) as plan:
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"stamp": STAMP, "ddp": sys.argv[2:] == ["ddp"]},
+        train_loop_config={"stamp": STAMP, "mode": mode, "workload": workload, "cpus": cpus},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.workers,
             use_gpu=False,
@@ -51,5 +84,5 @@ with cluster.connect(cfg) as plan:
     )
     trainer.fit()
 with open(STAMP) as f:
-    print(f'BENCH {{"first_step_at": {float(f.read())}}}', flush=True)
+    print("BENCH " + f.read(), flush=True)
 os.unlink(STAMP)
