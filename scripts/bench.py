@@ -15,8 +15,8 @@ on 200,000 rows) it runs, interleaved so that machine noise hits all alike, REPS
   raytrain  python -m raytrain.main --workers N
 
 and reports medians of: wall time, time from launch to the first training step (and the share of it
-that is Ray start-up), per-epoch time, per-epoch overhead (epoch time minus the time spent in
-forward/backward/step), samples/second, and peak memory: the proportional set size (PSS) summed
+that is Ray start-up), per-epoch time, per-epoch overhead (all epochs' wall time minus all the time spent in
+forward/backward/step, per epoch), samples/second, and peak memory: the proportional set size (PSS) summed
 over every process of the run, sampled every --pss-every seconds (0.2).
 
     python scripts/bench.py                          # both workloads, 5 repetitions
@@ -206,7 +206,10 @@ def measure(cmd: list[str], workload: str, storage: Path, pss_every: float = 0.2
             first_step_s=first - launched,
             ray_start_s=results["phases"].get("ray_start"),
             epoch_s=statistics.median(e["epoch_time_s"] for e in epochs),
-            overhead_per_epoch_s=span / len(epochs) - statistics.median(compute),
+            # Both sides summed over the same epochs: a median of one against a mean of the
+            # other charged a slow epoch's forward and backward (the first's warm-up, a noisy
+            # moment on a shared machine) as overhead.
+            overhead_per_epoch_s=(span - sum(compute)) / len(epochs),
             samples_per_s=sum(e["rows"] for e in epochs) / sum(e["epoch_time_s"] for e in epochs),
         )
     else:
@@ -216,9 +219,8 @@ def measure(cmd: list[str], workload: str, storage: Path, pss_every: float = 0.2
         if "epoch_s" in bench:
             row.update(
                 epoch_s=statistics.median(bench["epoch_s"]),
-                overhead_per_epoch_s=statistics.median(
-                    e - c for e, c in zip(bench["epoch_s"], bench["compute_s"], strict=True)
-                ),
+                overhead_per_epoch_s=(sum(bench["epoch_s"]) - sum(bench["compute_s"]))
+                / len(bench["epoch_s"]),
                 samples_per_s=bench["samples_per_s"],
             )
     return row

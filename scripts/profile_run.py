@@ -5,15 +5,17 @@ Runs one benchmark variant (see bench.py) and samples every process it starts, t
 - a timeline: seconds since launch, cores busy in the whole tree, idle cores, and the processes
   that used the most CPU in that interval (shows the serial stretches of Ray's start-up);
 - CPU seconds per process over the whole run;
+- context switches per second per process: its wake-ups, and how often it was pushed off a core;
 - the proportional set size (PSS) of every process at the moment the tree's total peaked.
 
     python scripts/profile_run.py tutorial "raytrain x4"
     python scripts/profile_run.py tutorial "ray noop x4"
     python scripts/profile_run.py compute "raytrain 2x1"
 
-Prints the three tables and writes bench-results/profile-<workload>-<variant>.json with the same
+Prints the four tables and writes bench-results/profile-<workload>-<variant>.json with the same
 numbers: {"command", "timeline": [[t, busy, idle, [[cpu_s, name], ...]], ...],
-"cpu_s": [[cpu_s, name], ...], "peak_pss_mb": total, "pss_mb": [[mb, name], ...]}.
+"cpu_s": [[cpu_s, name], ...], "switches_per_s": [[wake-ups, pushed off, name], ...],
+"peak_pss_mb": total, "pss_mb": [[mb, name], ...]}.
 """
 
 from __future__ import annotations
@@ -54,6 +56,24 @@ def _cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
+def _switches(pid: int) -> tuple[int, int] | None:
+    """Context switches over all of a process's threads: (voluntary, involuntary). A voluntary
+    one is a thread going to sleep, so about one wake-up each; an involuntary one is a running
+    thread pushed off its core by another."""
+    voluntary = involuntary = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        voluntary += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        involuntary += int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return voluntary, involuntary
+
+
 def _idle_s() -> float:
     with open("/proc/stat") as f:
         return int(f.readline().split()[4]) / TICK
@@ -85,6 +105,8 @@ def main() -> None:
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env
     )
     cpu: dict[int, tuple[float, str]] = {}  # last CPU seconds seen per process
+    # per process: (time, voluntary, involuntary) when first and when last seen
+    seen: dict[int, tuple[tuple[float, int, int], tuple[float, int, int]]] = {}
     timeline, peak, peak_rows = [], 0.0, []
     last_t, last_idle = time.time(), _idle_s()
     while proc.poll() is None:
@@ -100,6 +122,10 @@ def main() -> None:
             spent.append((seconds - cpu.get(pid, (0.0, ""))[0], name))
             cpu[pid] = (seconds, name)
             rows.append((_pss_kb(pid) / 1024, name))
+            switches = _switches(pid)
+            if switches is not None:
+                now_seen = (now, *switches)
+                seen[pid] = (seen.get(pid, (now_seen,))[0], now_seen)
         total = sum(mb for mb, _ in rows)
         if total > peak:
             peak, peak_rows = total, rows
@@ -126,6 +152,22 @@ def main() -> None:
     print(f"\nCPU seconds per process (all {sum(totals.values()):.1f} s):")
     for seconds, name in by_cpu[: args.top]:
         print(f"{seconds:7.2f}  {name}")
+    rates: dict[str, list[float]] = {}  # per name: wake-ups/s, preemptions/s
+    for pid, (first, last) in seen.items():
+        span = last[0] - first[0]
+        if span >= 2:  # too short-lived to give a rate
+            rate = rates.setdefault(cpu[pid][1], [0.0, 0.0])
+            rate[0] += (last[1] - first[1]) / span
+            rate[1] += (last[2] - first[2]) / span
+    print(
+        f"\nContext switches per second ({sum(r[0] for r in rates.values()):,.0f} wake-ups/s in "
+        "all): a wake-up of any process on a machine whose cores are all busy pushes a training "
+        "thread off its core"
+    )
+    print(f"{'wake-ups':>9} {'pushed off':>10}  process")
+    by_wakes = sorted(((r[0], r[1], n) for n, r in rates.items()), reverse=True)
+    for wakes, pushed, name in by_wakes[: args.top]:
+        print(f"{wakes:9,.0f} {pushed:10,.0f}  {name}")
     print(f"\nPSS at the peak ({peak:,.0f} MB in all):")
     for mb, name in sorted(peak_rows, reverse=True)[: args.top]:
         print(f"{mb:7.1f}  {name}")
@@ -137,6 +179,7 @@ def main() -> None:
                 "command": " ".join(cmd),
                 "timeline": timeline,
                 "cpu_s": [[round(s, 2), n] for s, n in by_cpu],
+                "switches_per_s": [[round(w), round(p), n] for w, p, n in by_wakes],
                 "peak_pss_mb": round(peak, 1),
                 "pss_mb": [[round(mb, 1), n] for mb, n in sorted(peak_rows, reverse=True)],
             },
