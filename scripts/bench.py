@@ -15,9 +15,9 @@ on 200,000 rows) it runs, interleaved so that machine noise hits all alike, REPS
   raytrain  python -m raytrain.main --workers N
 
 and reports medians of: wall time, time from launch to the first training step (and the share of it
-that is Ray start-up), per-epoch time, per-epoch overhead (all epochs' wall time minus all the time spent in
-forward/backward/step, per epoch), samples/second, and peak memory: the proportional set size (PSS) summed
-over every process of the run, sampled every --pss-every seconds (0.2).
+that is Ray start-up), per-epoch time, per-epoch overhead (all epochs' wall time minus all the time
+spent in forward/backward/step, per epoch), samples/second, and peak memory: the proportional set
+size (PSS) summed over every process of the run, sampled every --pss-every seconds (0.2).
 
     python scripts/bench.py                          # both workloads, 5 repetitions
     python scripts/bench.py --reps 3 --workloads tutorial
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -245,19 +246,33 @@ def main() -> None:
         help="seconds between memory samples; reading every process's smaps_rollup is not free "
         "(raytrain 1x2 did 0.68x of plain 2 threads sampled every 0.2 s, 0.80x every 5 s)",
     )
+    parser.add_argument(
+        "--keep-runs",
+        metavar="DIR",
+        help="keep raytrain's run directories (metrics.jsonl of every epoch) under DIR; by "
+        "default they go with a temporary directory when the benchmark ends",
+    )
     args = parser.parse_args()
-    storage = Path(tempfile.mkdtemp(prefix="raytrain-bench-"))
+    if args.keep_runs:
+        storage = Path(args.keep_runs).resolve()
+        storage.mkdir(parents=True, exist_ok=True)
+    else:
+        storage = Path(tempfile.mkdtemp(prefix="raytrain-bench-"))
     runs = []
-    for rep in range(args.reps):
-        for workload in args.workloads:
-            for variant, cmd in variants(workload).items():
-                row = measure(cmd, workload, storage, args.pss_every)
-                runs.append({"workload": workload, "variant": variant, "rep": rep, **row})
-                print(
-                    f"rep {rep + 1}/{args.reps} {workload:8} {variant:16} "
-                    f"{row['wall_s']:6.1f} s {row['peak_pss_mb']:7.0f} MB",
-                    file=sys.stderr,
-                )
+    try:
+        for rep in range(args.reps):
+            for workload in args.workloads:
+                for variant, cmd in variants(workload).items():
+                    row = measure(cmd, workload, storage, args.pss_every)
+                    runs.append({"workload": workload, "variant": variant, "rep": rep, **row})
+                    print(
+                        f"rep {rep + 1}/{args.reps} {workload:8} {variant:16} "
+                        f"{row['wall_s']:6.1f} s {row['peak_pss_mb']:7.0f} MB",
+                        file=sys.stderr,
+                    )
+    finally:
+        if not args.keep_runs:
+            shutil.rmtree(storage, ignore_errors=True)
     keys = [
         "wall_s",
         "first_step_s",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,21 +38,24 @@ def main() -> None:
     variants = bench.variants("compute")
     storage = Path(tempfile.mkdtemp(prefix="raytrain-bench-poll-"))
     runs = []
-    for rep in range(args.reps):
-        for name in ("torchrun x2", "plain 2 threads"):
-            row = bench.measure(variants[name], "compute", storage, pss_every=60)
-            runs.append({"rep": rep, "variant": name, "interval_s": None, **_speed(row)})
-        for name in ("raytrain 2x1", "raytrain 1x2"):
-            for interval in args.intervals:
-                os.environ[ENV] = interval
-                try:
-                    row = bench.measure(variants[name], "compute", storage, pss_every=60)
-                finally:
-                    del os.environ[ENV]
-                runs.append(
-                    {"rep": rep, "variant": name, "interval_s": float(interval), **_speed(row)}
-                )
-        print(f"rep {rep + 1}/{args.reps} done", flush=True)
+    try:
+        for rep in range(args.reps):
+            for name in ("torchrun x2", "plain 2 threads"):
+                row = bench.measure(variants[name], "compute", storage, pss_every=60)
+                runs.append({"rep": rep, "variant": name, "interval_s": None, **_speed(row)})
+            for name in ("raytrain 2x1", "raytrain 1x2"):
+                for interval in args.intervals:
+                    os.environ[ENV] = interval
+                    try:
+                        row = bench.measure(variants[name], "compute", storage, pss_every=60)
+                    finally:
+                        del os.environ[ENV]
+                    runs.append(
+                        {"rep": rep, "variant": name, "interval_s": float(interval), **_speed(row)}
+                    )
+            print(f"rep {rep + 1}/{args.reps} done", flush=True)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
 
     def speed(rep: int, variant: str, interval: float | None = None) -> float:
         return next(

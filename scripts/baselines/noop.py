@@ -68,7 +68,7 @@ flags = {"scaling.workers": workers}
 if mode == "train":
     flags["scaling.cpus_per_worker"] = cpus
 cfg = config.load(flags=flags)
-with cluster.connect(cfg) as plan:
+with cluster.connect(cfg) as plan, tempfile.TemporaryDirectory(prefix="raytrain-noop-") as runs:
     trainer = TorchTrainer(
         loop,
         train_loop_config={"stamp": STAMP, "mode": mode, "workload": workload, "cpus": cpus},
@@ -78,7 +78,7 @@ with cluster.connect(cfg) as plan:
             resources_per_worker={"CPU": plan.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            storage_path=tempfile.mkdtemp(prefix="raytrain-noop-"),
+            storage_path=runs,
             logging_config=ray.train.LoggingConfig("ERROR"),
         ),
     )
