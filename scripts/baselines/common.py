@@ -81,5 +81,18 @@ def train(net, x, y, w, batch: int) -> dict:
     }
 
 
+def train_share(w: dict, rank: int, world: int, wrap) -> dict:
+    """``train`` on this process's contiguous share of the rows with the per-worker batch (256
+    per worker for compute, the global batch split for the tutorial), the model passed through
+    ``wrap`` (DDP); samples/s over all ``world`` processes."""
+    x, y = data(w)
+    share = len(y) // world
+    x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    batch = w["batch"] if w["epochs"] == 1 else w["batch"] // world
+    result = train(wrap(model(w)), x, y, w, batch)
+    result["samples_per_s"] *= world
+    return result
+
+
 def emit(result: dict) -> None:
     print("BENCH " + json.dumps(result), flush=True)

@@ -32,19 +32,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def train_as_plain(workload: str, cpus: int) -> dict:
     """plain.py's loop (ddp.py's on several workers) in this worker: its BENCH result."""
     sys.path.insert(0, HERE)
-    from common import WORKLOADS, data, model, train
+    from common import WORKLOADS, train_share
 
-    w = WORKLOADS[workload]
     torch.set_num_threads(cpus)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    x, y = data(w)
-    share = len(y) // world
-    x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
-    batch = w["batch"] if w["epochs"] == 1 else w["batch"] // world
-    result = train(ray.train.torch.prepare_model(model(w)), x, y, w, batch)
-    result["samples_per_s"] *= world
-    return result
+    return train_share(WORKLOADS[workload], rank, world, ray.train.torch.prepare_model)
 
 
 def loop(config):
