@@ -51,7 +51,7 @@ def moments(x: np.ndarray) -> dict:
     return {"n": len(x), "mean": mean, "m2": np.einsum("ij,ij->j", centred, centred)}
 
 
-_BLOCK_ROWS = 1 << 16  # rows turned into float64 at a time: a few MB, in cache
+_BLOCK_VALUES = 1 << 17  # values turned into float64 at a time: 1 MB, in cache (8 MB was 2x slower)
 
 
 def split_moments(x: np.ndarray, held_out: np.ndarray | None) -> dict | None:
@@ -71,11 +71,20 @@ def split_moments(x: np.ndarray, held_out: np.ndarray | None) -> dict | None:
     shift = x[0].astype(np.float64)
     sums = np.zeros((2, width))  # [all rows, held-out rows]
     squares = np.zeros((2, width))
-    weights = np.ones((2, min(rows, _BLOCK_ROWS)))
+    step = max(1, _BLOCK_VALUES // max(width, 1))  # rows per block
+    block_rows = min(rows, step)
+    weights = np.ones((2, block_rows))
+    # The shift repeated for a block's rows: one flat subtraction (which also widens the rows to
+    # float64) instead of a broadcast that loops over ``width`` values per row, 2.5x slower.
+    shifts = np.tile(shift, block_rows)
+    buffer = np.empty(block_rows * width)
+    x = np.ascontiguousarray(x)
     with np.errstate(invalid="ignore", over="ignore"):  # a NaN or an infinity: None below
-        for start in range(0, rows, _BLOCK_ROWS):
-            block = x[start : start + _BLOCK_ROWS].astype(np.float64)
-            block -= shift
+        for start in range(0, rows, step):
+            part = x[start : start + step]
+            values = len(part) * width
+            np.subtract(part.reshape(-1), shifts[:values], out=buffer[:values])
+            block = buffer[:values].reshape(len(part), width)
             w = weights[:, : len(block)]
             w[1] = held[start : start + len(block)]
             sums += w @ block
