@@ -60,8 +60,8 @@ class DataConfig(_Section):
     ingest: Literal["auto", "memory", "stream"] = Field(
         "auto",
         description="'memory': every worker copies the training split into memory once; "
-        "'stream': Ray Data streams a shard to each worker every epoch; 'auto': memory when "
-        "the copies fit in memory_limit_mb.",
+        "'stream': every worker reads its share every epoch (its row groups of Parquet files; "
+        "a Ray Data shard of CSV); 'auto': memory when the copies fit in memory_limit_mb.",
     )
     memory_limit_mb: float = Field(
         1024,
