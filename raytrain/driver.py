@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 from raytrain import outcome, runs, tracking
 from raytrain.cluster import Plan
 from raytrain.config import Config
-from raytrain.data.checks import ScanAhead, scan_threads
+from raytrain.data.checks import ScanAhead, Scanned, scan_threads
 from raytrain.data.datasets import Datasets, build_datasets
 from raytrain.errors import UserError
 from raytrain.report.console import Console
@@ -188,11 +188,11 @@ def run(
     console: Console,
     fail_at: tuple[int, int] | None = None,
     report: bool = True,
-    ahead: ScanAhead | None = None,
+    ahead: ScanAhead | Scanned | None = None,
 ) -> dict[str, Any]:
     """Train (or continue training), validate the best checkpoint on the driver, write
     results.json (and the report with its plots, unless ``report`` is off). ``ahead``: the
-    check of the data files, started before Ray."""
+    check of the data files, started before Ray (or a sweep's, made once for its trials)."""
     started = time.perf_counter()
     # First, so that a run that fails from here on (a sweep's trial with a model that cannot
     # be built, data that cannot be read) is in MLflow too, as FAILED, with its reason.
@@ -218,7 +218,9 @@ def run(
     return results
 
 
-def _prepare(cfg: Config, plan: Plan, console: Console, ahead: ScanAhead | None) -> Datasets:
+def _prepare(
+    cfg: Config, plan: Plan, console: Console, ahead: ScanAhead | Scanned | None
+) -> Datasets:
     """The run's datasets, said on the console."""
     datasets = build_datasets(
         cfg.data, plan.workers, plan.copies_per_node, scan_threads(plan.embedded), ahead

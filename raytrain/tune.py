@@ -9,7 +9,8 @@ Train V2's pattern: every trial is a small driver function (``run_trial``) that 
 TorchTrainer for its config and calls fit(); it reports each validated epoch to Tune as the
 run's metrics rows arrive (the workers report nothing more than in any run), so ASHA can stop
 a trial that lags. The sweep is sized against the cluster before anything starts, the trial
-drivers' own CPU included.
+drivers' own CPU included. Data files are checked once, by the sweep's driver, unless the space
+changes what the check depends on (``CHECKED_FIELDS``); every trial takes that check.
 
 The sweep directory holds ``sweep.yaml`` (the file it started from), ``trial-*/`` (the runs),
 ``tune/`` (Ray Tune's state, for --resume) and, at the end, ``sweep.json``, ``sweep.csv`` and
@@ -88,6 +89,7 @@ class TrialSetup:
     embedded: bool
     cores_per_trial: float  # embedded: each trial's share of this machine's cores
     address: str | None
+    check: Any = None  # ObjectRef of the sweep's check of its data files (``shared_check``)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -112,8 +114,12 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         plan = cluster.plan_embedded(cfg, setup.cores_per_trial)
     else:
         plan = cluster.plan_cluster(cfg, setup.address, ray.cluster_resources(), ray.nodes())
+    from raytrain.data.checks import Scanned
+
+    ahead = Scanned(ray.get(setup.check)) if setup.check is not None else None
     with open(os.devnull, "w") as quiet:
-        driver.run(cfg, plan, run_dir, TrialConsole(quiet, setup.metric), report=False)
+        console = TrialConsole(quiet, setup.metric)
+        driver.run(cfg, plan, run_dir, console, report=False, ahead=ahead)
 
 
 class TrialConsole(Console):
@@ -192,6 +198,36 @@ def tune_config(sweep: sweeps.SweepConfig, epochs: int):
     )
 
 
+# What the check of the data files depends on (raytrain.data.checks.scan_files).
+CHECKED_FIELDS = (
+    "data.path",
+    "data.val_path",
+    "data.feature_columns",
+    "data.label_column",
+    "data.val_fraction",
+)
+
+
+def checks_once(cfg: config.Config, sweep: sweeps.SweepConfig) -> bool:
+    """Whether the sweep checks its data files once for every trial: they are files, and no
+    trial's config changes what the check depends on."""
+    return cfg.data.path is not None and not set(sweep.space) & set(CHECKED_FIELDS)
+
+
+def shared_check(cfg: config.Config, plan, ahead):
+    """The check of the sweep's data files, made once (``ahead``, started before Ray, or now)
+    and put into Ray's object store for every trial: bad data is one line before any trial
+    starts, and the trials skip the pass over the files."""
+    import ray
+
+    from raytrain.data.checks import scan_files, scan_threads
+
+    found = (
+        ahead.result() if ahead is not None else scan_files(cfg.data, scan_threads(plan.embedded))
+    )
+    return ray.put(found)
+
+
 def check_size(base: config.Config, sweep: sweeps.SweepConfig, cpus: float, where: str) -> None:
     """UserError unless ``sweep.concurrent`` trials, each its workers and its driver, fit into
     ``cpus``."""
@@ -257,7 +293,7 @@ def tune_command(args: argparse.Namespace) -> int:
     """Run the tune command; returns the exit code."""
     console = Console()
     started = time.perf_counter()
-    sweep_dir = None
+    sweep_dir = ahead = None
     try:
         if (args.config is None) == (args.resume is None):
             raise UserError("give --config SWEEP.yaml for a new sweep, or --resume SWEEP")
@@ -277,7 +313,14 @@ def tune_command(args: argparse.Namespace) -> int:
             },
         )
         from raytrain.cluster import DATA_CPUS, connect
+        from raytrain.main import scan_ahead
 
+        once = checks_once(cfg, sweep)
+        ahead = scan_ahead(cfg) if once else None  # beside Ray's start, as a run's
+        from ray import tune  # noqa: F401  (loaded while the check runs, as a run's driver)
+
+        if ahead is not None:
+            ahead.raise_if_failed()  # bad data found already: said before Ray starts
         cores = os.cpu_count() or 1
         # An embedded Ray shares this machine's cores among the trials at once (each trial's
         # workers get a share, as --workers beyond the cores do), plus logical CPUs for the
@@ -304,6 +347,7 @@ def tune_command(args: argparse.Namespace) -> int:
                 embedded=plan.embedded,
                 cores_per_trial=cores / sweep.concurrent,
                 address=plan.address,
+                check=shared_check(cfg, plan, ahead) if once else None,
             )
             grid = run_tuner(setup, sweep, cfg, sweep_dir, console, resume=args.resume is not None)
             # Trials not yet created when the sweep was interrupted are not in the grid.
@@ -322,6 +366,9 @@ def tune_command(args: argparse.Namespace) -> int:
         if sweep_dir is not None and args.resume is None:
             discard_if_unused(sweep_dir)
         return cli.error(str(e))
+    finally:
+        if ahead is not None:
+            ahead.cancel()  # if Ray did not start
 
 
 def discard_if_unused(sweep_dir: Location) -> None:

@@ -16,6 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -251,8 +254,39 @@ def test_the_command_line_says_a_missing_sweep_file_in_one_line(tmp_path):
     assert "does not exist" in one_error_line(proc)
 
 
+def write_parquet(path: Path, rows: int, nan_at: int | None = None) -> Path:
+    """A Parquet file of ``rows`` rows of 10 features and 2 classes (a NaN in row ``nan_at``)."""
+    x = np.random.default_rng(0).standard_normal((rows, 10), dtype=np.float32)
+    if nan_at is not None:
+        x[nan_at, 3] = np.nan
+    y = (x[:, 0] > 0).astype(np.int64)
+    features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x": features, "y": y}), path)
+    return path
+
+
+@pytest.mark.ray
+def test_a_sweep_on_bad_data_is_one_line_before_any_trial(tmp_path):
+    """The sweep checks its data files itself, once: a NaN in one file is one line naming it,
+    exit 2, and no trial ran (nothing is left of the sweep)."""
+    write_parquet(tmp_path / "data" / "a.parquet", 500)
+    write_parquet(tmp_path / "data" / "b.parquet", 500, nan_at=7)
+    spec = write_sweep(tmp_path / "s.yaml")
+    text = yaml.safe_load(spec.read_text())
+    text["data"] = {"path": str(tmp_path / "data")}
+    spec.write_text(yaml.safe_dump(text))
+    proc = tune_cli("--config", str(spec), "--storage-path", str(tmp_path / "sweeps"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = one_error_line(proc)
+    assert "b.parquet" in line and "NaN or infinite" in line, line
+    assert not list((tmp_path / "sweeps").glob("*")), "nothing was left of the sweep"
+
+
 @pytest.mark.ray
 def test_optuna_search_draws_the_trials(tmp_path):
+    """Two trials drawn by Optuna, on Parquet files that the sweep checked once for both."""
+    data = write_parquet(tmp_path / "data" / "part-0.parquet", 1000).parent
     spec = write_sweep(
         tmp_path / "s.yaml",
         trials=2,
@@ -263,6 +297,7 @@ def test_optuna_search_draws_the_trials(tmp_path):
     )
     text = yaml.safe_load(spec.read_text())
     text["train"]["epochs"] = 1
+    text["data"] = {"path": str(data)}
     spec.write_text(yaml.safe_dump(text))
     # On a terminal: the live table of the trials, not a line per event.
     code, screen = in_terminal(
@@ -272,6 +307,13 @@ def test_optuna_search_draws_the_trials(tmp_path):
     trials = json.loads((tmp_path / "opt" / "sweep.json").read_text())["trials"]
     assert len(trials) == 2 and all(t["status"] == "finished" for t in trials)
     assert all(0.01 <= t["params"]["train.lr"] <= 0.1 for t in trials)
+    # One check of the files, by the sweep, taken by both trials (each of its own would differ
+    # in how long it took).
+    checks = {
+        json.loads((tmp_path / "opt" / t["trial"] / "results.json").read_text())["data_check_s"]
+        for t in trials
+    }
+    assert len(checks) == 1 and None not in checks, checks
     plain = ANSI.sub("", screen)
     assert "0/1 trials done" in plain and "2/2 trials done" in plain, plain
     assert re.search(r"trial-\S+\s+running\s+0/1", plain), plain

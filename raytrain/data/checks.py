@@ -239,6 +239,17 @@ class ScanAhead:
         self._stop.set()
 
 
+class Scanned:
+    """A check already made, given as ``ScanAhead`` gives its own: a sweep checks its data files
+    once and hands the result to every trial (raytrain.tune)."""
+
+    def __init__(self, found: Found) -> None:
+        self.found = found
+
+    def result(self) -> Found:
+        return self.found
+
+
 def _add(s: FileStats, row: dict) -> None:
     s.rows += row["rows"]
     s.val_rows += row["val_rows"]

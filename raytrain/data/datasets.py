@@ -56,7 +56,7 @@ def build_datasets(
     workers: int = 1,
     copies_per_node: int = 1,
     scan_threads: int = 0,
-    ahead: checks.ScanAhead | None = None,
+    ahead: checks.ScanAhead | checks.Scanned | None = None,
 ) -> Datasets:
     """Ray Datasets for the train and validation splits (needs a connected Ray), and the
     training split's feature statistics when ``cfg.normalize`` asks for scaling.
@@ -64,7 +64,7 @@ def build_datasets(
     ``copies_per_node``: how many workers (each with its own copy of an in-memory split) can
     share one node; 'auto' ingest compares that many copies with ``cfg.memory_limit_mb``.
     ``scan_threads``: scan Parquet on this many threads of this process (embedded Ray), or as
-    Ray tasks on the cluster (0). ``ahead``: the check of the files, already started.
+    Ray tasks on the cluster (0). ``ahead``: the check of the files, already started (or made).
     """
     if cfg.path is None:
         datasets = _synthetic_datasets(cfg)
