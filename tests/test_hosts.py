@@ -24,6 +24,10 @@ pytestmark = pytest.mark.ray
 BUCKET = "runs"
 # Large enough that an epoch takes a noticeable moment, so that a host can die mid-run.
 SLOWER = ("--set", "data.samples=4000", "--set", "train.checkpoint_every=1")
+# How long Ray Train waits for a worker group that cannot be placed yet before it counts a
+# failure (60 s by default; the driver hands it to Ray Train's controller): a start here takes
+# 10-15 s, so 30 s is ample and halves the wait of the two tests that lose a host.
+START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
 
 
 @dataclass
@@ -146,7 +150,7 @@ def _kill_host_2_mid_run(cluster: Cluster, log: Path, prefix: str, *args: str):
         hosts.restart_ray(2)
     argv = raytrain_argv(cluster, *args, *SLOWER, "--storage-path", cluster.uri(prefix))
     with open(log, "w") as out:
-        proc = hosts.popen(0, argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = hosts.popen(0, argv, START_TIMEOUT, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_rows(cluster, prefix, "r1", proc, _training_on_every_host(hosts, 2))
         killed_at = time.time()
@@ -161,8 +165,9 @@ def _kill_host_2_mid_run(cluster: Cluster, log: Path, prefix: str, *args: str):
 def test_a_host_that_dies_mid_training(cluster, tmp_path):
     """An elastic run (2-3 workers) loses host 2 with every process on it: it restarts on the two
     hosts left, finishes every epoch and validates there. The recovery takes over a
-    minute: Ray Train first asks for 3 workers again (the head has not yet noticed that the node
-    is dead) and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) before it settles for 2."""
+    minute with Ray's defaults: Ray Train first asks for 3 workers again (the head has not yet
+    noticed that the node is dead) and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s; 30 s
+    here, ``START_TIMEOUT``) before it settles for 2."""
     hosts, epochs, log = cluster.hosts, 15, tmp_path / "driver.out"
     args = ("--workers", "2-3", "--epochs", str(epochs), "--name", "r1")
     code, killed_at = _kill_host_2_mid_run(cluster, log, "elastic", *args)
