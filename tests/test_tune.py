@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from raytrain import cli, runs
+from raytrain.data.tables import xy_table
 from tests.conftest import ROOT, one_error_line
 from tests.mlflowserver import MlflowServer
 
@@ -259,10 +259,8 @@ def write_parquet(path: Path, rows: int, nan_at: int | None = None) -> Path:
     x = np.random.default_rng(0).standard_normal((rows, 10), dtype=np.float32)
     if nan_at is not None:
         x[nan_at, 3] = np.nan
-    y = (x[:, 0] > 0).astype(np.int64)
-    features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"x": features, "y": y}), path)
+    pq.write_table(xy_table(x, x[:, 0] > 0), path)
     return path
 
 
