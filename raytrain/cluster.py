@@ -3,6 +3,11 @@
 An embedded Ray (no address) fits any worker count onto this machine's cores by giving each worker
 a fractional CPU; an existing cluster is never stretched: a request it cannot hold is an error
 within seconds, instead of Ray Train's endless retrying.
+
+Why one long module (about 460 lines): sizing the request (``Plan``) and starting or joining
+Ray share the same facts (cores, the cluster's CPUs and nodes, token auth, the storage every
+node must see) and the one ``connect`` that every command calls; split, each half would import
+the other's private helpers.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ repetition and for each size, one after the other:
 
 - plain: one process, no Ray, one torch thread: pyarrow batches -> scaling -> the model ->
   softmax -> ParquetWriter, the label kept (scripts/baselines/plain_predict.py);
-- raytrain: python -m raytrain.predict RUN --data DIR --out DIR --keep y, 2 actors x 1 CPU on an
+- raytrain: python -m raytrain predict RUN --data DIR --out DIR --keep y, 2 actors x 1 CPU on an
   embedded Ray (this machine's 2 cores).
 
 Per CPU, two ways: steady (rows per second of an actor's own time reading, predicting and
@@ -90,7 +90,8 @@ def raytrain_predict(run_dir: Path, data_dir: Path, out: Path) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "raytrain.predict",
+        "raytrain",
+        "predict",
         str(run_dir),
         "--data",
         str(data_dir),

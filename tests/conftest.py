@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from raytrain import cluster, config, driver, runs
+from raytrain import cluster, config, runs
 from raytrain.report.console import Console
-from raytrain.train import checkpoint
+from raytrain.train import checkpoint, driver
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from raytrain import cli, config, runs
+from raytrain import config, runs
+from raytrain.commands import args as cli_args
+from raytrain.commands import train as train_command
 
 from .conftest import ROOT, one_error_line, run_module
 
@@ -86,7 +88,7 @@ def test_main_module_takes_the_train_commands_flags():
 
 
 def test_every_config_field_has_a_flag_and_short_flags_come_from_the_schema():
-    parser = cli.build_train_parser("raytrain train")
+    parser = train_command.build_parser("raytrain train")
 
     def leaves(prefix, model):
         for name, field in model.model_fields.items():
@@ -96,7 +98,7 @@ def test_every_config_field_has_a_flag_and_short_flags_come_from_the_schema():
                 yield f"{prefix}{name}"
 
     for dotted in leaves("", config.Config):
-        flags = cli.config_flags(parser.parse_args([f"--{dotted}", "7"]))
+        flags = cli_args.config_flags(parser.parse_args([f"--{dotted}", "7"]))
         assert flags == {dotted: config.parse_value("7", dotted)}, dotted
     shorts = {
         "--workers": "scaling.workers",
@@ -114,7 +116,7 @@ def test_every_config_field_has_a_flag_and_short_flags_come_from_the_schema():
 
 
 def test_flags_win_over_set_and_keep_text_fields_as_text():
-    args = cli.build_train_parser("t").parse_args(
+    args = train_command.build_parser("t").parse_args(
         [
             "--set",
             "train.lr=0.5",
@@ -130,7 +132,7 @@ def test_flags_win_over_set_and_keep_text_fields_as_text():
             "false",
         ]
     )
-    cfg = config.load(None, args.set, cli.config_flags(args))
+    cfg = config.load(None, args.set, cli_args.config_flags(args))
     assert cfg.train.lr == 0.25 and cfg.run.name == "2024" and cfg.model.hidden == (8, 8)
     assert (cfg.scaling.min_workers, cfg.scaling.workers) == (2, 3)
     assert cfg.train.shuffle is False

@@ -236,7 +236,7 @@ def test_storage_check_that_times_out_is_one_line_and_shuts_ray_down(ray_cluster
     script = (
         "import sys, ray\n"
         "from raytrain import cluster\n"
-        "from raytrain.main import main\n"
+        "from raytrain.commands.train import main\n"
         "cluster._STORAGE_CHECK_TIMEOUT_S = 0\n"
         f"argv = ['--address', {ray_cluster.address!r}, '--storage-path', {str(tmp_path)!r}]\n"
         "code = main(argv)\n"
@@ -267,7 +267,8 @@ def test_a_sweep_larger_than_the_cluster_is_one_line_in_seconds(ray_cluster, tmp
         [
             sys.executable,
             "-m",
-            "raytrain.tune",
+            "raytrain",
+            "tune",
             "--config",
             str(sweep),
             "--address",

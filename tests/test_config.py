@@ -8,10 +8,12 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from raytrain import cli, config
+from raytrain import config
+from raytrain.commands import args as cli_args
+from raytrain.commands import train as train_command
+from raytrain.commands.train import main
 from raytrain.config import Config
 from raytrain.errors import EXIT_USAGE
-from raytrain.main import main
 
 from .conftest import ROOT
 
@@ -231,6 +233,6 @@ def test_kuberay_rayjob_manifest_is_valid_yaml_with_the_needed_keys():
         (container,) = group["template"]["spec"]["containers"]
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
     # The entrypoint must parse as raytrain flags, into a valid config.
-    args = cli.build_train_parser("raytrain train").parse_args(spec["entrypoint"].split()[3:])
-    cfg = config.load(args.config, args.set, cli.config_flags(args))
+    args = train_command.build_parser("raytrain train").parse_args(spec["entrypoint"].split()[3:])
+    cfg = config.load(args.config, args.set, cli_args.config_flags(args))
     assert cfg.run.address == "auto" and cfg.scaling.workers > 1

@@ -142,8 +142,8 @@ def test_a_damaged_or_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_onnx_without_the_export_extra_says_how_to_install_it(tmp_path):
     write_checkpoint(tmp_path / "ckpt", "simple")
     code = (
-        "import sys; sys.modules['onnxruntime'] = None; from raytrain.export import main; "
-        f"sys.exit(main([{str(tmp_path / 'ckpt')!r}, '--format', 'onnx', '--out', "
+        "import sys; sys.modules['onnxruntime'] = None; from raytrain.cli import main; "
+        f"sys.exit(main(['export', {str(tmp_path / 'ckpt')!r}, '--format', 'onnx', '--out', "
         f"{str(tmp_path / 'm.onnx')!r}]))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

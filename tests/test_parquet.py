@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raytrain.commands.train import main
 from raytrain.config import DataConfig
 from raytrain.data import checks, files
 from raytrain.data.datasets import build_datasets
 from raytrain.data.files import DataError, in_validation
 from raytrain.errors import EXIT_USAGE
-from raytrain.main import main
 
 from .conftest import one_error_line, run_module
 

@@ -20,7 +20,7 @@ import torch.multiprocessing
 from raytrain.data import pieces as pieces_module
 from raytrain.data.files import in_validation
 from raytrain.data.pieces import HeldOut, Piece, PieceSet, read_share, runs_of
-from raytrain.train.loop import exchange_rows, piece_batches
+from raytrain.train.batches import exchange_rows, piece_batches
 
 FEATURES = 3
 

@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytrain import cli, cluster, inference, predict
+from raytrain import cli, cluster, config
+from raytrain.commands import predict
 from raytrain.data.scaling import Scaling
 from raytrain.errors import UserError
+from raytrain.inference import batch as inference
 from raytrain.model import build_model
 from raytrain.report.console import Console
 from raytrain.train import checkpoint
@@ -67,7 +69,7 @@ def predict_here(*argv: str, cores: int = 2):
     """``raytrain predict ARGV`` on the session's Ray: the command's checks, then its run."""
     args = cli.build_parser().parse_args(["predict", *argv])
     checked = predict.prepare(args)
-    cfg = predict.cluster_config(args, args.data, checked[2].parent)
+    cfg = predict.cluster_config(args, args.data, str(checked[2].parent))
     out = io.StringIO()
     manifest, metrics = predict.execute(
         args, checked, cluster.plan_embedded(cfg, cores), Console(out)
@@ -78,7 +80,7 @@ def predict_here(*argv: str, cores: int = 2):
 def plain_forward(checkpoint_dir: str, table: pa.Table) -> np.ndarray:
     """The checkpoint's model applied by hand: its weights, training's Scaling.apply, softmax."""
     state = checkpoint.load(checkpoint_dir)
-    cfg = predict.config.load(base=state["config"])
+    cfg = config.load(base=state["config"])
     model = build_model(cfg.model, len(FEATURES), 2)
     model.load_state_dict(state["model"])
     scaling = Scaling(tuple(state["scaling"]["mean"]), tuple(state["scaling"]["std"]))
@@ -257,7 +259,8 @@ def test_data_narrower_than_the_model_is_refused(tmp_path, capsys):
 
 def test_the_command_line_says_bad_input_in_one_line(run, tmp_path):
     proc = run_module(
-        "raytrain.predict",
+        "raytrain",
+        "predict",
         str(run.run_dir),
         "--data",
         str(tmp_path / "nothing"),
@@ -305,7 +308,6 @@ def test_an_interrupted_prediction_leaves_nothing_behind(tmp_path):
     import sys
     import time
 
-    from raytrain import config
     from raytrain.data.synthetic import draw
     from raytrain.data.tables import xy_table
     from tests.conftest import ROOT
@@ -325,7 +327,7 @@ def test_an_interrupted_prediction_leaves_nothing_behind(tmp_path):
         str(tmp_path / "out"),
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raytrain.predict", *args, "--batch-size", "50"],
+        [sys.executable, "-m", "raytrain", "predict", *args, "--batch-size", "50"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

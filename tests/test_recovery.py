@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain import cluster, config, driver, runs
+from raytrain import cluster, config, runs
+from raytrain.commands.train import main
 from raytrain.errors import EXIT_USAGE
-from raytrain.main import main
 from raytrain.report.console import Console
-from raytrain.train import checkpoint
+from raytrain.train import checkpoint, driver
 from raytrain.train.checkpoint import CheckpointError
 
 from .conftest import ROOT

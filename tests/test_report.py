@@ -24,11 +24,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from raytrain import cluster, runs
 from raytrain.config import Config
-from raytrain.outcome import phases
 from raytrain.report.console import Console
 from raytrain.report.listing import print_runs
 from raytrain.report.page import write_report
 from raytrain.train.metrics import MetricsLog, epoch_totals, worker_row
+from raytrain.train.outcome import phases
 
 from .conftest import one_error_line, run_module
 

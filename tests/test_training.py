@@ -19,7 +19,7 @@ from raytrain.config import Config
 from raytrain.data.synthetic import make_synthetic
 from raytrain.evaluate import evaluate
 from raytrain.model import build_model
-from raytrain.train.loop import epoch_order
+from raytrain.train.batches import epoch_order
 
 from .conftest import run_module
 
@@ -306,7 +306,7 @@ def test_early_stopping_stops_every_worker_after_the_same_epoch(train, capsys):
     # A checkpoint at the stop, so the run's latest state is kept.
     assert (trained.run_dir / runs.checkpoint_name(last["epoch"])).is_dir()
     # Resuming a run that stopped early is a clear message, not a silent extra epoch.
-    from raytrain.main import main
+    from raytrain.commands.train import main
 
     assert main(["--resume", str(trained.run_dir), "--epochs", "20"]) == 2
     err = capsys.readouterr().err

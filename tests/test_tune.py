@@ -63,7 +63,7 @@ def write_sweep(path: Path, **changes) -> Path:
 def tune_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
-        [sys.executable, "-m", "raytrain.tune", *args],
+        [sys.executable, "-m", "raytrain", "tune", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -185,7 +185,8 @@ def test_an_interrupted_sweep_resumes_and_runs_only_what_was_left(tmp_path):
         [
             sys.executable,
             "-m",
-            "raytrain.tune",
+            "raytrain",
+            "tune",
             "--config",
             str(spec),
             "--storage-path",
@@ -324,13 +325,13 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def in_terminal(*args: str, timeout: float = 600) -> tuple[int, str]:
-    """``python -m raytrain.tune ARGS`` with its output on a pseudo-terminal, as a user sees it:
+    """``python -m raytrain tune ARGS`` with its output on a pseudo-terminal, as a user sees it:
     its exit code and everything it wrote there."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(TERM="xterm-256color", COLUMNS="160", LINES="50")
     control, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raytrain.tune", *args],
+        [sys.executable, "-m", "raytrain", "tune", *args],
         stdin=subprocess.DEVNULL,
         stdout=terminal,
         stderr=terminal,

@@ -8,4 +8,6 @@ rows.
 - ``checks``: the pass over their rows before training;
 - ``scaling``: the training split's feature statistics and standardisation;
 - ``datasets``: the Ray Datasets a run trains and validates on.
+
+May import the shared top-level modules only (config, errors, storage).
 """

@@ -239,9 +239,17 @@ class ScanAhead:
         self._stop.set()
 
 
+def scan_ahead(cfg: DataConfig, embedded: bool) -> ScanAhead | None:
+    """The check of the data files, started now if the driver will scan them itself (files on
+    an embedded Ray), so that it runs while torch and Ray load and Ray starts; else None."""
+    if cfg.path is None or not embedded:
+        return None
+    return ScanAhead(cfg, scan_threads(embedded=True))
+
+
 class Scanned:
     """A check already made, given as ``ScanAhead`` gives its own: a sweep checks its data files
-    once and hands the result to every trial (raytrain.tune)."""
+    once and hands the result to every trial (raytrain.sweep.trials)."""
 
     def __init__(self, found: Found) -> None:
         self.found = found

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from raytrain import runs
 from raytrain.errors import UserError, first_line
-from raytrain.report.page import read_run
+from raytrain.report.rundir import read_run
 from raytrain.storage import Location
 
 FINISHED, INTERRUPTED, INCOMPLETE, EMPTY, UNREADABLE = (

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,42 +15,8 @@ import jinja2
 from raytrain import runs
 from raytrain.errors import UserError, first_line
 from raytrain.report import plots
+from raytrain.report.rundir import RunFiles, load_run
 from raytrain.storage import Location, basename
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """What a run directory holds, read once."""
-
-    run_dir: Location
-    rows: list[dict[str, Any]]  # one per epoch (raytrain.runs.read_metrics)
-    segments: list[dict[str, Any]]  # raytrain.runs.history
-    results: dict[str, Any] | None
-    config: dict[str, Any] | None
-
-
-def read_run(run_dir: Location) -> RunFiles:
-    """Whatever a run directory holds so far; damaged files are a RunDirError naming them."""
-    results = runs.read_json(run_dir / runs.RESULTS_FILE)
-    config = (results or {}).get("config") or runs.read_json(run_dir / runs.CONFIG_FILE)
-    return RunFiles(run_dir, runs.read_metrics(run_dir), runs.history(run_dir), results, config)
-
-
-def load_run(run_dir: str | Path | Location) -> RunFiles:
-    """Read a run directory (a path or URI); a path that is not a run is a UserError."""
-    run_dir = Location.of(run_dir)
-    try:
-        found = run_dir.is_dir()
-    except OSError as e:
-        raise UserError(f"cannot read {str(run_dir)!r}: {first_line(e)}") from None
-    if not found:
-        raise UserError(f"no run directory at {str(run_dir)!r}")
-    if not any((run_dir / name).exists() for name in (runs.METRICS_FILE, runs.RESULTS_FILE)):
-        raise UserError(
-            f"{str(run_dir)!r} is not a raytrain run directory: it holds neither "
-            f"{runs.METRICS_FILE} nor {runs.RESULTS_FILE}"
-        )
-    return read_run(run_dir)
 
 
 def write_report(run_dir: str | Path | Location) -> tuple[Location, Location]:
@@ -69,7 +34,7 @@ def write_report(run_dir: str | Path | Location) -> tuple[Location, Location]:
     return paths
 
 
-_TEMPLATES = jinja2.Environment(
+TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("raytrain.report", "templates"),
     autoescape=True,
     undefined=jinja2.StrictUndefined,
@@ -81,7 +46,7 @@ def render_html(run: RunFiles, png: bytes) -> str:
     results = run.results or {}
     validation = results.get("validation") or {}
     train = results.get("train") or (run.rows[-1] if run.rows else {})
-    return _TEMPLATES.get_template("report.html.j2").render(
+    return TEMPLATES.get_template("report.html.j2").render(
         name=run.run_dir.name,
         run_dir=str(run.run_dir),
         written=time.strftime("%Y-%m-%d %H:%M:%S"),

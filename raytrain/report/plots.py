@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from raytrain.runs import PHASES
 
 if TYPE_CHECKING:
-    from raytrain.report.page import RunFiles
+    from raytrain.report.rundir import RunFiles
 
 _TRAIN, _VAL, _CHECKPOINT = "#1f77b4", "#d62728", "#2ca02c"
 

@@ -19,12 +19,12 @@ the command line, the console or where it runs.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +37,18 @@ from raytrain.model import build_model, unwrap
 from raytrain.runs import checkpoint_name
 from raytrain.storage import Location
 from raytrain.train import checkpoint
+from raytrain.train.batches import (
+    HELD_OUT_BYTES,
+    VAL_BATCH,
+    Batches,
+    epoch_order,
+    exchange_rows,
+    memory_batches,
+    piece_batches,
+    streamed_batches,
+    torch_empty,
+    val_batches_of,
+)
 from raytrain.train.faults import die_if_due
 from raytrain.train.metrics import (
     PLACE,
@@ -68,123 +80,6 @@ class LoopArgs:
     train_pieces: PieceSet | None = None  # Parquet: the row groups each worker reads itself
     val_pieces: PieceSet | None = None
     fail_at: tuple[int, int] | None = None  # (rank, epoch): raytrain.train.faults
-
-
-def epoch_order(rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The global order of the training rows in ``epoch`` (0-based); the same on every worker."""
-    if not shuffle:
-        return torch.arange(rows)
-    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    return torch.randperm(rows, generator=torch.Generator().manual_seed(epoch_seed))
-
-
-_VAL_BATCH = 4096
-# A streamed worker keeps the held-out rows its epochs read, for validation, up to this size.
-HELD_OUT_BYTES = 256 << 20
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor, int]]
-
-
-def memory_batches(
-    x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_size: int, rank: int, world: int
-) -> Batches:
-    """This worker's rows of every global batch of ``order``, with the global batch's size."""
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        mine = batch[rank::world]
-        yield x[mine], y[mine], len(batch)
-
-
-def local_batches(
-    windows: Iterator[tuple[torch.Tensor, torch.Tensor]], local_batch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive windows of rows cut into batches of ``local_batch`` rows (the last may be
-    smaller). A batch that spans two windows copies only its own rows."""
-    left_x = left_y = None
-    for x, y in windows:
-        start = 0
-        if left_y is not None and len(left_y):  # complete the batch begun in the last window
-            start = min(local_batch - len(left_y), len(y))
-            left_x, left_y = torch.cat([left_x, x[:start]]), torch.cat([left_y, y[:start]])
-            if len(left_y) < local_batch:
-                continue
-            yield left_x, left_y
-        end = start + (len(y) - start) // local_batch * local_batch
-        for i in range(start, end, local_batch):
-            yield x[i : i + local_batch], y[i : i + local_batch]
-        left_x, left_y = x[end:], y[end:]
-    if left_y is not None and len(left_y):
-        yield left_x, left_y
-
-
-def streamed_batches(
-    shard, local_batch: int, seed: int, epoch: int, rank: int, world: int, scale: Callable
-) -> Batches:
-    """This worker's Ray Data shard, streamed in local batches, features scaled by ``scale``.
-
-    Ray Data hands over whole blocks (a file's rows, or part of one); each is viewed without a
-    copy, shuffled by a permutation seeded by ``(seed, epoch, rank)`` (the one copy of its rows)
-    and scaled once. Ray Train splits the stream into equal shards, so every worker takes the
-    same number of steps with batches of the same size, and the global batch is ``world`` local
-    batches.
-    """
-    rng = np.random.default_rng([seed, epoch, rank])
-
-    def blocks():
-        for block in shard.iter_batches(
-            batch_size=None, batch_format="pyarrow", prefetch_batches=1
-        ):
-            x, y = to_arrays(block)
-            order = rng.permutation(len(y))
-            yield scale(torch.from_numpy(x[order])), torch.from_numpy(y[order])
-
-    for xb, yb in local_batches(blocks(), local_batch):
-        yield xb, yb, len(yb) * world
-
-
-def piece_batches(
-    pieces: PieceSet,
-    features: int,
-    local_batch: int,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world: int,
-    scale: Callable,
-    held: HeldOut | None = None,
-) -> Batches:
-    """This worker's deal of the row groups (``PieceSet.deal``), read in a random order seeded
-    by ``(seed, epoch, rank)`` and cut into local batches, features scaled by ``scale``; with
-    ``held``, the held-out rows of the row groups read are kept there.
-
-    Every worker knows every worker's row count (the deal is the same everywhere), so all take
-    the same number of steps: step ``j``'s global batch is the workers' ``j``-th local batches,
-    a worker whose rows ran out contributing an empty one, and every row is seen once an epoch.
-    """
-    shares = pieces.deal(world)
-    counts = [sum(pieces.rows(p) for p in share) for share in shares]
-    steps = max(-(-n // local_batch) for n in counts)
-
-    def global_rows(step: int) -> int:
-        return sum(min(local_batch, max(0, n - step * local_batch)) for n in counts)
-
-    def prepare(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return scale(torch.from_numpy(x)), torch.from_numpy(y)  # in the reading thread
-
-    rng = np.random.default_rng([seed, epoch, rank])
-    windows = pieces.windows(shares[rank], rng, prepare, held.pick if held else None)
-    step = 0
-    for step, (xb, yb) in enumerate(local_batches(windows, local_batch), start=1):
-        yield xb, yb, global_rows(step - 1)
-    for later in range(step, steps):  # this worker's rows ran out before the others'
-        yield torch.zeros(0, features), torch.zeros(0, dtype=torch.int64), global_rows(later)
-
-
-def val_batches_of(arrays: Iterator[tuple[np.ndarray, np.ndarray]], scale: Callable):
-    """Validation rows, arrays at a time, in ``_VAL_BATCH`` batches of tensors, scaled."""
-    for x, y in arrays:
-        for i in range(0, len(y), _VAL_BATCH):
-            # Copied, a batch's worth: the arrays may be the object store's read-only buffers.
-            yield scale(torch.tensor(x[i : i + _VAL_BATCH])), torch.tensor(y[i : i + _VAL_BATCH])
 
 
 def train_epoch(
@@ -232,44 +127,12 @@ def train_epoch(
 def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], Batches], Callable]:
     """This worker's data: a function from the epoch (0-based) to its training batches, and one
     that gives its share of the validation rows as ``(x, y)`` batches."""
-    import ray
     import ray.train
 
+    if args.ingest == "memory":
+        return memory_data(args, rank, world)
     cfg = args.config.train
     scale = args.scaling.apply if args.scaling is not None else (lambda x: x)
-    if args.ingest == "memory":
-        # Small enough to hold: the splits copied into tensors once, instead of reading them
-        # again every epoch, and scaled in place.
-        scale_ = args.scaling.apply_ if args.scaling is not None else (lambda x: x)
-        if args.train_pieces is not None:
-            # Each worker reads a run of the row groups, then the workers exchange their rows;
-            # it validates the held-out rows of its run.
-            share = read_share(
-                args.train_pieces, args.val_pieces, args.features, rank, world, torch_empty
-            )
-            x, y = torch.from_numpy(share.x), torch.from_numpy(share.y)
-            val_x, val_y = torch.from_numpy(share.val_x), torch.from_numpy(share.val_y)
-            start, end = share.bounds[rank]
-            scale_(x[start:end])
-            scale_(val_x)
-            exchange_rows((x, y), share.bounds, world)
-        else:  # every worker fetches every block; validates rows rank, rank + W, ...
-            x, y = to_tensors(ray.get(list(args.blocks)))
-            val_x, val_y = to_tensors(ray.get(list(args.val_blocks)))
-            scale_(x)
-            val_x, val_y = scale_(val_x[rank::world].clone()), val_y[rank::world]
-
-        def train_batches(epoch: int) -> Batches:
-            order = epoch_order(len(y), cfg.seed, epoch, cfg.shuffle)
-            return memory_batches(x, y, order, cfg.batch_size, rank, world)
-
-        def val_batches():
-            return (
-                (val_x[i : i + _VAL_BATCH], val_y[i : i + _VAL_BATCH])
-                for i in range(0, len(val_y), _VAL_BATCH)
-            )
-
-        return train_batches, val_batches
     local = cfg.batch_size // world  # the driver checked that every worker count divides it
     if args.train_pieces is not None:
         train, val = args.train_pieces, args.val_pieces
@@ -294,25 +157,42 @@ def worker_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
     )
 
 
-def torch_empty(shape, dtype) -> np.ndarray:
-    """``np.empty`` in memory from torch's allocator. NumPy asks the kernel for huge pages for
-    large arrays, and the first touch of such memory can stall on compaction: receiving 160 MB
-    of rows from another worker into it took 0.45 s here, 0.1 s into torch's."""
-    return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).numpy()
+def memory_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], Batches], Callable]:
+    """``worker_data`` in memory: the splits copied into tensors once, instead of reading them
+    again every epoch, and scaled in place."""
+    import ray
 
+    cfg = args.config.train
+    scale_ = args.scaling.apply_ if args.scaling is not None else (lambda x: x)
+    if args.train_pieces is not None:
+        # Each worker reads a run of the row groups, then the workers exchange their rows;
+        # it validates the held-out rows of its run.
+        share = read_share(
+            args.train_pieces, args.val_pieces, args.features, rank, world, torch_empty
+        )
+        x, y = torch.from_numpy(share.x), torch.from_numpy(share.y)
+        val_x, val_y = torch.from_numpy(share.val_x), torch.from_numpy(share.val_y)
+        start, end = share.bounds[rank]
+        scale_(x[start:end])
+        scale_(val_x)
+        exchange_rows((x, y), share.bounds, world)
+    else:  # every worker fetches every block; validates rows rank, rank + W, ...
+        x, y = to_tensors(ray.get(list(args.blocks)))
+        val_x, val_y = to_tensors(ray.get(list(args.val_blocks)))
+        scale_(x)
+        val_x, val_y = scale_(val_x[rank::world].clone()), val_y[rank::world]
 
-def exchange_rows(
-    tensors: tuple[torch.Tensor, ...], bounds: Sequence[tuple[int, int]], world: int
-) -> None:
-    """Fill in the rows other workers read: every rank's ``bounds`` rows of each tensor are
-    broadcast from it to the others over the process group (gloo; 0.1-0.3 s for 400 MB on one
-    machine, measured), so each worker reads only its part of the files."""
-    if world == 1:
-        return
-    for source, (start, end) in enumerate(bounds):
-        if end > start:
-            for tensor in tensors:
-                torch.distributed.broadcast(tensor[start:end], src=source)
+    def train_batches(epoch: int) -> Batches:
+        order = epoch_order(len(y), cfg.seed, epoch, cfg.shuffle)
+        return memory_batches(x, y, order, cfg.batch_size, rank, world)
+
+    def val_batches():
+        return (
+            (val_x[i : i + VAL_BATCH], val_y[i : i + VAL_BATCH])
+            for i in range(0, len(val_y), VAL_BATCH)
+        )
+
+    return train_batches, val_batches
 
 
 def validate(
@@ -368,7 +248,6 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
 
     timeline = {"loop_start": time.time()}
     args = loop_config["args"]
-    cfg = args.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(args.threads)
@@ -387,46 +266,88 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     if rank == 0:
         group = ray.util.get_current_placement_group()
         log = MetricsLog(args.run_dir, args.session, start_epoch, group.id.hex() if group else None)
-    scaling = args.scaling.to_dict() if args.scaling is not None else None
-
-    for epoch in range(start_epoch, cfg.train.epochs):
+    worker = Worker(args, rank, world, model, optimizer, scheduler, watch, val_batches, starts, log)
+    for epoch in range(start_epoch, args.config.train.epochs):
         die_if_due(args.fail_at, rank, epoch + 1, args.run_dir)
-        lr = optimizer.param_groups[0]["lr"]
+        if not worker.epoch(epoch, train_batches(epoch), first=epoch == start_epoch):
+            return
+
+
+@dataclass
+class Worker:
+    """One worker's training state between epochs, and what each epoch does with it."""
+
+    args: LoopArgs
+    rank: int
+    world: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    watch: Watch
+    val_batches: Callable
+    starts: list[dict[str, Any]]  # every rank's place and start-up times, gathered once
+    log: MetricsLog | None  # rank 0's
+
+    def epoch(self, epoch: int, batches: Batches, first: bool) -> bool:
+        """Train one epoch, validate if due, gather every worker's numbers; rank 0 writes the
+        row, and the checkpoint if one is due. Returns whether training goes on."""
+        cfg, done = self.args.config.train, epoch + 1
+        lr = self.optimizer.param_groups[0]["lr"]
         started_at, started = time.time(), time.perf_counter()
-        local = train_epoch(model, optimizer, train_batches(epoch), world, cfg.train.grad_clip)
+        local = train_epoch(self.model, self.optimizer, batches, self.world, cfg.grad_clip)
         local.update(epoch_time_s=time.perf_counter() - started, started_at=started_at)
-        done = epoch + 1
-        due = validation_due(done, cfg.train)
         whole = None
-        if due:
-            mine, whole = validate(model, val_batches(), args.classes, world)
+        if validation_due(done, cfg):
+            mine, whole = validate(self.model, self.val_batches(), self.args.classes, self.world)
             local.update(mine)
         else:
             local.update(NOT_VALIDATED)
-        stats = gather_epoch(local, world)
+        stats = gather_epoch(local, self.world)
         totals = {**epoch_totals(done, stats), "lr": lr}
         # The same gathered numbers on every worker: all stop together, none checkpoints.
-        bad = [int(s["bad_step"]) for s in stats if s["bad_step"]]
-        if bad:
-            totals["nonfinite_step"] = min(bad)
-        stop = not bad and watch.update(totals)
+        bad = not_finite(totals, stats)
+        stop = not bad and self.watch.update(totals)
         if stop:
-            totals["stopped_early"] = {"best_epoch": watch.best_epoch, "best": watch.best}
-        save = not bad and (checkpoint_due(done, cfg.train) or stop)
-        if save and whole is None:  # early stopping on a training metric, between validations
-            _, whole = validate(model, val_batches(), args.classes, world)
-        scheduler.step()  # first: a checkpoint holds the schedule of the epoch after it
-        if log is not None:  # the row first: a crash while checkpointing keeps it
-            facts = starts if epoch == start_epoch else [{k: s[k] for k in PLACE} for s in starts]
-            workers = [worker_row(s, f) for s, f in zip(stats, facts, strict=True)]
-            saved = str(args.run_dir / checkpoint_name(done)) if save else None
-            log.write(totals, workers, saved)
+            totals["stopped_early"] = {"best_epoch": self.watch.best_epoch, "best": self.watch.best}
+        new_best = cfg.checkpoint_best and self.watch.best_epoch == done
+        save = not bad and (checkpoint_due(done, cfg) or stop or new_best)
+        if save and whole is None:  # the metric is a training one, between validations
+            _, whole = validate(self.model, self.val_batches(), self.args.classes, self.world)
+        self.scheduler.step()  # first: a checkpoint holds the schedule of the epoch after it
+        if self.log is not None:  # the row first: a crash while checkpointing keeps it
+            places = self.starts if first else [{k: s[k] for k in PLACE} for s in self.starts]
+            workers = [worker_row(s, f) for s, f in zip(stats, places, strict=True)]
+            saved = str(self.args.run_dir / checkpoint_name(done)) if save else None
+            self.log.write(totals, workers, saved)
         if save:
-            state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-            extra = {"config": cfg.to_dict(), "scaling": scaling, "watch": watch.state()}
-            extra["shape"] = {"features": args.features, "classes": args.classes}
-            places = [{k: s[k] for k in PLACE} for s in starts]
-            extra["validation"] = {**whole, "epoch": done, "workers": places}
-            checkpoint.report(rank, done, totals, **state, **extra)
-        if bad or stop:
-            return
+            self.save(done, totals, whole)
+        return not (bad or stop)
+
+    def save(self, done: int, totals: dict[str, Any], whole: dict[str, Any]) -> None:
+        """Report the epoch with its checkpoint (written by rank 0), which carries everything a
+        resumed run needs and the validation of all held-out rows."""
+        args = self.args
+        state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        extra = {
+            "config": args.config.to_dict(),
+            "scaling": args.scaling.to_dict() if args.scaling is not None else None,
+            "watch": self.watch.state(),
+            "shape": {"features": args.features, "classes": args.classes},
+        }
+        places = [{k: s[k] for k in PLACE} for s in self.starts]
+        extra["validation"] = {**whole, "epoch": done, "workers": places}
+        checkpoint.report(self.rank, done, totals, **state, **extra)
+
+
+def not_finite(totals: dict[str, Any], stats: list[dict[str, Any]]) -> bool:
+    """Whether the epoch went wrong: a training step whose loss was NaN or infinite (its step
+    goes into ``totals["nonfinite_step"]``) or a validation loss that is (``totals[
+    "nonfinite_validation"]``). Such an epoch writes no checkpoint and ends training."""
+    bad = [int(s["bad_step"]) for s in stats if s["bad_step"]]
+    if bad:
+        totals["nonfinite_step"] = min(bad)
+        return True
+    if "val_loss" in totals and not math.isfinite(totals["val_loss"]):
+        totals["nonfinite_validation"] = True
+        return True
+    return False

@@ -4,6 +4,7 @@ keeps its own copy and feeds it the same gathered numbers, so all stop after the
 
 from __future__ import annotations
 
+import math
 from typing import Any, TypeVar
 
 from raytrain.config import Config
@@ -21,11 +22,16 @@ def best_of(
 ) -> tuple[T, dict[str, Any]] | None:
     """The ``(item, metrics)`` with the best ``metric`` (the earliest epoch among equals); None
     if no metrics carry it. The rule that picks a run's best checkpoint, wherever it is asked."""
-    kept = [(item, m) for item, m in candidates if m.get(metric) is not None]
+    kept = [(item, m) for item, m in candidates if finite(m.get(metric))]
     if not kept:
         return None
     sign = 1 if mode_of(metric) == "min" else -1
     return min(kept, key=lambda im: (sign * im[1][metric], im[1]["epoch"]))
+
+
+def finite(value: Any) -> bool:
+    """Whether a metric's value can rank anything: present and neither NaN nor infinite."""
+    return value is not None and math.isfinite(value)
 
 
 class Watch:
@@ -47,8 +53,8 @@ class Watch:
     def update(self, totals: dict[str, Any]) -> bool:
         """Take an epoch's totals; True when training should stop after this epoch."""
         value = totals.get(self.metric)
-        if value is None:
-            return False  # not validated this epoch
+        if not finite(value):
+            return False  # not validated this epoch (or a value the loop stops on)
         sign = 1 if mode_of(self.metric) == "min" else -1
         if self.best is None or sign * (self.best - value) > self.min_delta:
             self.best, self.best_epoch, self.waited = value, totals["epoch"], 0

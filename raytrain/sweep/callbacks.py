@@ -1,6 +1,6 @@
 """Ray Tune callbacks of a sweep, run on the sweep's driver: the console's lines, and releasing
-what a stopped trial's TorchTrainer held. Kept apart from raytrain.tune, which must not import
-Ray Tune to parse a command line; Tune pickles its callbacks with the experiment's state (for
+what a stopped trial's TorchTrainer held. Kept apart from the rest of raytrain.sweep, which must
+not import Ray Tune before it is needed; Tune pickles its callbacks with the experiment's state (for
 --resume), so they hold only plain values."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ray import tune
 
 from raytrain import runs
 from raytrain.storage import Location
-from raytrain.tune import params_text, trial_name
+from raytrain.sweep.layout import params_text, trial_name
 
 
 class TrialTable(tune.Callback):

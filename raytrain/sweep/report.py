@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from raytrain import runs
-from raytrain.report.page import _TEMPLATES
+from raytrain.report.page import TEMPLATES
 from raytrain.storage import Location
 
 PNG, HTML = "sweep.png", "sweep.html"
@@ -31,33 +31,46 @@ def render_png(sweep_dir: Location, results: dict[str, Any], dpi: int = 100) -> 
         fontsize=13,
     )
     for ax, field in zip(axes, fields, strict=False):
-        kind = next(iter(results["sweep"]["space"][field]))
-        shown = [t for t in trials if t["best"] is not None]
-        values = [t["params"][field] for t in shown]
-        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        if numeric:
-            xs = values
-            if kind == "loguniform" or (
-                values and min(values) > 0 and max(values) / min(values) > 50
-            ):
-                ax.set_xscale("log")
-        else:
-            labels = sorted({str(v) for v in values})
-            xs = [labels.index(str(v)) for v in values]
-            ax.set_xticks(range(len(labels)), labels)
-        for t, x in zip(shown, xs, strict=True):
-            ax.scatter(
-                x,
-                t["best"],
-                color=_COLORS.get(t["status"], "gray"),
-                s=90 if t["trial"] == best else 40,
-                edgecolors="black" if t["trial"] == best else "none",
-                zorder=3,
-            )
-        ax.set_xlabel(field)
-        ax.set_ylabel(f"best {metric}")
-        ax.set_title(f"{metric} against {field}")
-    curves = axes[-1]
+        _parameter_panel(ax, field, trials, metric, results["sweep"]["space"][field], best)
+    _curves_panel(axes[-1], trials, metric, best)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _parameter_panel(ax, field: str, trials, metric: str, domain, best) -> None:
+    """Each trial's best value against one searched parameter (a log axis for wide ranges)."""
+    kind = next(iter(domain))
+    shown = [t for t in trials if t["best"] is not None]
+    values = [t["params"][field] for t in shown]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if numeric:
+        xs = values
+        if kind == "loguniform" or (values and min(values) > 0 and max(values) / min(values) > 50):
+            ax.set_xscale("log")
+    else:
+        labels = sorted({str(v) for v in values})
+        xs = [labels.index(str(v)) for v in values]
+        ax.set_xticks(range(len(labels)), labels)
+    for t, x in zip(shown, xs, strict=True):
+        ax.scatter(
+            x,
+            t["best"],
+            color=_COLORS.get(t["status"], "gray"),
+            s=90 if t["trial"] == best else 40,
+            edgecolors="black" if t["trial"] == best else "none",
+            zorder=3,
+        )
+    ax.set_xlabel(field)
+    ax.set_ylabel(f"best {metric}")
+    ax.set_title(f"{metric} against {field}")
+
+
+def _curves_panel(curves, trials, metric: str, best) -> None:
+    """Every trial's validation curve, the best one thick."""
     for t in trials:
         rows = [r for r in runs.read_metrics(Location.of(t["run_dir"])) if metric in r]
         if rows:
@@ -75,12 +88,6 @@ def render_png(sweep_dir: Location, results: dict[str, Any], dpi: int = 100) -> 
     for status, color in _COLORS.items():
         curves.plot([], [], color=color, label=status)
     curves.legend(fontsize=9)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
 
 
 def write_report(sweep_dir: Location, results: dict[str, Any]) -> tuple[Location, Location]:
@@ -99,7 +106,7 @@ def write_report(sweep_dir: Location, results: dict[str, Any]) -> tuple[Location
         ]
         for t in results["trials"]
     ]
-    html = _TEMPLATES.get_template("sweep.html.j2").render(
+    html = TEMPLATES.get_template("sweep.html.j2").render(
         name=sweep_dir.name,
         sweep_dir=str(sweep_dir),
         written=time.strftime("%Y-%m-%d %H:%M:%S"),

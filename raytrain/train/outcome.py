@@ -24,7 +24,15 @@ _VAL_BATCH = 4096
 
 
 def stop_if_not_finite(rows: list[dict[str, Any]]) -> None:
-    """TrainingStopped if the last epoch's loss became NaN or infinite (the workers stopped)."""
+    """TrainingStopped if the last epoch's loss, or its validation loss, became NaN or infinite
+    (the workers stopped, and that epoch wrote no checkpoint)."""
+    if rows and rows[-1].get("nonfinite_validation"):
+        row = rows[-1]
+        raise TrainingStopped(
+            f"the validation loss became {row['val_loss']} in epoch {row['epoch']} (training "
+            f"loss {row['loss']:.4g}, learning rate {row['lr']:g}): the model diverged; try a "
+            "lower --lr, --set train.grad_clip=1.0, or features on a common scale"
+        )
     if rows and "nonfinite_step" in rows[-1]:
         row = rows[-1]
         raise TrainingStopped(

@@ -1,8 +1,5 @@
-"""``raytrain export`` (also ``python -m raytrain.export``): a trained model as one file that maps
-raw features to logits on its own, the feature scaling folded in, for a service without Ray.
-
-    raytrain export RUN --format onnx --out model.onnx          # needs pip install raytrain[export]
-    raytrain export RUN --format torchscript --out model.pt
+"""A trained model as one file that maps raw features to logits on its own, the feature scaling
+folded in, for a service without Ray (``raytrain export``).
 
 ONNX is written by PyTorch's exporter (``torch.onnx.export(dynamo=True)``) with a dynamic batch
 dimension and checked with onnx's checker; TorchScript by ``torch.jit.script``, or
@@ -14,75 +11,26 @@ metadata.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import logging
 import re
-import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-from raytrain import cli, config
-from raytrain.errors import EXIT_OK, UserError, first_line
-from raytrain.storage import Location, StorageError
+from raytrain.errors import UserError, first_line
 
-PROG = "python -m raytrain.export"
 FORMATS = ("onnx", "torchscript")
 INPUT, OUTPUT = "features", "logits"  # the ONNX graph's input and output names
 METADATA = "raytrain.json"  # TorchScript's extra file / ONNX's metadata key
-_CHECK_ROWS = 1000
+CHECK_ROWS = 1000
 TOLERANCE = 1e-5  # the largest difference from the PyTorch model an export may have
 
 
 class ExportError(UserError):
     """A model that cannot be exported, or an export that does not reproduce the model."""
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "target",
-        metavar="RUN|CHECKPOINT",
-        help="A run (its name under --storage-path, or its directory): its best checkpoint; "
-        "or a checkpoint directory.",
-    )
-    parser.add_argument("--format", required=True, choices=FORMATS, help="The file's format.")
-    parser.add_argument("--out", required=True, metavar="FILE", help="The file to write.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
-    parser.add_argument(
-        "--storage-path",
-        default=config.RunConfig().storage_path,
-        help="Where runs are found by name (default: %(default)s).",
-    )
-
-
-def export(args: argparse.Namespace) -> int:
-    """Run the export command; returns the exit code."""
-    try:
-        try:
-            out = Location.of(args.out)
-        except StorageError as e:
-            raise UserError(str(e)) from None
-        if out.exists() and not args.overwrite:
-            raise UserError(f"--out {args.out!r} exists; pass --overwrite to replace it")
-        if args.format == "onnx":
-            _need_onnx()
-        from raytrain.trained import load
-
-        trained = load(args.target, args.storage_path)
-        data, difference = to_bytes(trained, args.format)
-        out.write_bytes(data)  # whole or not at all
-    except UserError as e:
-        return cli.error(str(e))
-    print(
-        f"wrote {out} ({args.format}, {len(data) / 1e3:,.1f} kB): {trained.checkpoint} "
-        f"(epoch {trained.epoch}, {trained.why}), {trained.features} features "
-        f"({', '.join(trained.feature_columns)}) -> {trained.classes} logits; largest "
-        f"difference from PyTorch on {_CHECK_ROWS:,} rows {difference:.1e}"
-    )
-    return EXIT_OK
 
 
 def to_bytes(trained, fmt: str) -> tuple[bytes, float]:
@@ -108,7 +56,7 @@ def to_bytes(trained, fmt: str) -> tuple[bytes, float]:
     if not difference <= TOLERANCE:
         raise ExportError(
             f"the {fmt} export of model {trained.config.model.name!r} differs from the PyTorch "
-            f"model by up to {difference:.2g} on {_CHECK_ROWS} rows; not written"
+            f"model by up to {difference:.2g} on {CHECK_ROWS} rows; not written"
         )
     return data, difference
 
@@ -118,7 +66,7 @@ def sample_rows(trained):
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(_CHECK_ROWS, trained.features, generator=generator)
+    x = torch.randn(CHECK_ROWS, trained.features, generator=generator)
     if trained.scaling is not None:
         x = x * torch.tensor(trained.scaling.std) + torch.tensor(trained.scaling.mean)
     return x.float()
@@ -195,7 +143,7 @@ _NEEDS = {
 }
 
 
-def _need_onnx() -> None:
+def need_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -226,13 +174,3 @@ def _quiet_torch_logs() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
-    add_args(parser)
-    return export(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

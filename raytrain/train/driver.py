@@ -1,6 +1,6 @@
 """The driver's part of a run: build the datasets and the TorchTrainer, fit() while the console
-follows the metrics, then hand over to raytrain.outcome for the best checkpoint's validation and
-results.json."""
+follows the metrics, then hand over to raytrain.train.outcome for the best checkpoint's
+validation and results.json."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raytrain import outcome, runs, tracking
+from raytrain import runs, tracking
 from raytrain.cluster import Plan
 from raytrain.config import Config
 from raytrain.data.checks import ScanAhead, Scanned, scan_threads
@@ -22,6 +22,7 @@ from raytrain.errors import UserError
 from raytrain.report.console import Console
 from raytrain.report.page import write_report
 from raytrain.storage import Location
+from raytrain.train import outcome
 from raytrain.train.gloo import GlooConfig
 from raytrain.train.loop import LoopArgs, train_loop_per_worker
 from raytrain.train.stopping import mode_of
@@ -55,7 +56,6 @@ def build_trainer(
         train_pieces=datasets.train_pieces,
         val_pieces=datasets.val_pieces,
     )
-    metric = cfg.run.checkpoint_metric
     # Streamed CSV: Ray Train shards the Ray Datasets. Parquet's workers read their row groups.
     streamed = datasets.ingest == "stream" and datasets.train is not None
     return TorchTrainer(
@@ -68,37 +68,44 @@ def build_trainer(
             resources_per_worker={"CPU": plan.cpus_per_worker},
             placement_strategy=cfg.scaling.placement_strategy,
         ),
-        run_config=ray.train.RunConfig(
-            name=run_dir.name,
-            # An object store's path has no scheme: the filesystem object carries it (and the
-            # endpoint of an S3-compatible server).
-            storage_path=run_dir.parent.path,
-            storage_filesystem=None if run_dir.local else run_dir.fs,
-            # The best checkpoints by the metric; Ray Train always keeps the latest one too.
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.checkpoints_to_keep,
-                checkpoint_score_attribute=metric,
-                checkpoint_score_order=mode_of(metric),
-            ),
-            failure_config=ray.train.FailureConfig(
-                max_failures=cfg.run.max_failures,
-                # The controller's own retries (a worker group that did not start) are unlimited
-                # by default: a request that can never be placed would retry forever. An elastic
-                # run may need one per lost node: Ray Train first asks for the old size while
-                # the cluster still counts the dead node (about 15 s), waits out the start
-                # timeout (60 s), and then sizes the group to the nodes left.
-                controller_failure_limit=1
-                if plan.min_workers is None
-                else max(1, cfg.run.max_failures),
-            ),
-            logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
-        ),
+        run_config=run_config(cfg, plan, run_dir),
         # In memory, every worker fetches the splits' blocks (or reads the row groups) once
         # (LoopArgs) and trains on its own rows of each global batch (raytrain.train.loop);
         # streamed CSV: Ray Train hands each worker an equal shard of the training Dataset and
         # a share of the validation one.
         datasets={"train": datasets.train, "val": datasets.val} if streamed else None,
         dataset_config=IngestConfig() if streamed else None,
+    )
+
+
+def run_config(cfg: Config, plan: Plan, run_dir: Location) -> ray.train.RunConfig:
+    """Where the run's checkpoints go, which ones are kept, how many failures it survives and
+    how much Ray Train says."""
+    metric = cfg.run.checkpoint_metric
+    return ray.train.RunConfig(
+        name=run_dir.name,
+        # An object store's path has no scheme: the filesystem object carries it (and the
+        # endpoint of an S3-compatible server).
+        storage_path=run_dir.parent.path,
+        storage_filesystem=None if run_dir.local else run_dir.fs,
+        # The best checkpoints by the metric; Ray Train always keeps the latest one too.
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.train.checkpoints_to_keep,
+            checkpoint_score_attribute=metric,
+            checkpoint_score_order=mode_of(metric),
+        ),
+        failure_config=ray.train.FailureConfig(
+            max_failures=cfg.run.max_failures,
+            # The controller's own retries (a worker group that did not start) are unlimited
+            # by default: a request that can never be placed would retry forever. An elastic
+            # run may need one per lost node: Ray Train first asks for the old size while
+            # the cluster still counts the dead node (about 15 s), waits out the start
+            # timeout (60 s), and then sizes the group to the nodes left.
+            controller_failure_limit=1
+            if plan.min_workers is None
+            else max(1, cfg.run.max_failures),
+        ),
+        logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
     )
 
 

@@ -1,7 +1,7 @@
 """A trained model, ready to use outside training: find a run's best checkpoint (or take a
 checkpoint by its path), load it with the same hash check as a resume, rebuild the model, and fold
 the feature scaling into it, so that raw features go in and logits come out (``ScaledModel``).
-Prediction (raytrain.inference) and export (raytrain.export) start here."""
+Batch prediction (raytrain.inference.batch) and export (raytrain.inference.export) start here."""
 
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ class UnitPredictor:
     def __init__(self, job: Job):
         import torch
 
-        from raytrain.trained import load_checkpoint
+        from raytrain.inference.trained import load_checkpoint
 
         torch.set_num_threads(job.threads)
         self.job = job

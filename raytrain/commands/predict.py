@@ -1,5 +1,5 @@
-"""``raytrain predict`` (also ``python -m raytrain.predict``): score Parquet rows with a trained
-model on Ray and write the predictions as Parquet; with ``--label``, also measure the model.
+"""``raytrain predict``: score Parquet rows with a trained model on Ray and write the predictions
+as Parquet; with ``--label``, also measure the model.
 
     raytrain predict RUN --data new.parquet --out predictions/ --keep id
     raytrain predict runs/RUN/checkpoint_epoch_000010 --data s3://bucket/rows --out preds/
@@ -12,21 +12,26 @@ checkpoint and its hash, the data's columns, types and width, the output path.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from raytrain import cli, config
+from raytrain.commands.args import add_cluster_args, cluster_config, error
 from raytrain.errors import EXIT_INTERRUPTED, EXIT_OK, UserError
 from raytrain.report.console import Console
 from raytrain.storage import Location, StorageError
 
-PROG = "python -m raytrain.predict"
 _PROGRESS_EVERY_S = 10.0
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
+def add_parser(sub) -> None:
+    """``raytrain predict``."""
+    parser = sub.add_parser(
+        "predict",
+        help="score Parquet rows with a trained model, on Ray",
+        description="Score Parquet rows with a trained model on Ray and write the predictions "
+        "as Parquet; with --label, also measure the model.",
+    )
+    parser.set_defaults(run=run)
     parser.add_argument(
         "target",
         metavar="RUN|CHECKPOINT",
@@ -61,52 +66,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_cluster_args(parser, what="prediction actors")
 
 
-def add_cluster_args(parser: argparse.ArgumentParser, what: str) -> None:
-    """The cluster flags training has, for a command that runs on Ray."""
-    parser.add_argument(
-        "--workers",
-        metavar="N",
-        help=f"How many {what}, or an elastic range MIN-MAX (default: "
-        f"{config.ScalingConfig().workers}).",
-    )
-    parser.add_argument(
-        "--cpus-per-worker",
-        metavar="X",
-        help="CPUs reserved per actor; torch uses that many threads (default: 1, or a share "
-        "of the cores when an embedded Ray has fewer cores than actors).",
-    )
-    parser.add_argument(
-        "--address",
-        help="Ray cluster to run on, HOST:PORT or auto (default: RAY_ADDRESS, else an "
-        "embedded Ray on this machine).",
-    )
-    parser.add_argument(
-        "--storage-path",
-        default=config.RunConfig().storage_path,
-        help="Where runs are found by name (default: %(default)s).",
-    )
-    parser.add_argument("--verbose", action="store_true", help="Show Ray's own logs.")
-
-
-def cluster_config(args: argparse.Namespace, data: str, writes_to: Location) -> config.Config:
-    """A Config for ``cluster.connect``: the scaling and address flags, the data read (which
-    needs a CPU of its own on a cluster) and where the output goes (which every node must
-    reach)."""
-    flags: dict[str, Any] = {
-        "run.address": args.address,
-        "run.verbose": args.verbose or None,
-        "run.storage_path": str(writes_to),
-        "data.path": data,
-    }
-    if args.workers is not None:
-        flags["scaling.workers"] = config.parse_value(args.workers, "scaling.workers")
-    if args.cpus_per_worker is not None:
-        flags["scaling.cpus_per_worker"] = config.parse_value(
-            args.cpus_per_worker, "scaling.cpus_per_worker"
-        )
-    return config.load(flags={k: v for k, v in flags.items() if v is not None})
-
-
 def _columns(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -115,8 +74,8 @@ def prepare(args: argparse.Namespace):
     """Every check before Ray starts: the model, the data, the output. Returns (Trained, Source,
     output Location, keep). Raises UserError."""
     from raytrain.data import files
-    from raytrain.inference import PREDICTION, PROBABILITIES
-    from raytrain.trained import load
+    from raytrain.inference.batch import PREDICTION, PROBABILITIES
+    from raytrain.inference.trained import load
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -157,22 +116,22 @@ def prepare(args: argparse.Namespace):
     return trained, source, out, keep
 
 
-def predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the predict command; returns the exit code."""
     console = Console()
     started = time.perf_counter()
     staging = None
     try:
         checked = prepare(args)
-        from raytrain import inference
         from raytrain.cluster import connect
+        from raytrain.inference import batch as inference
 
         staging = inference.staging_for(checked[2])
-        with connect(cluster_config(args, args.data, checked[2].parent)) as plan:
+        with connect(cluster_config(args, args.data, str(checked[2].parent))) as plan:
             manifest, metrics = execute(args, checked, plan, console, staging)
         summary(console, args.out, manifest, metrics, time.perf_counter() - started)
     except UserError as e:
-        return cli.error(str(e))
+        return error(str(e))
     except KeyboardInterrupt:
         console.line(f"raytrain: interrupted; nothing was written to {args.out}")
         return EXIT_INTERRUPTED
@@ -187,7 +146,7 @@ def execute(args: argparse.Namespace, checked, plan, console: Console, staging=N
     one beside --out), and move the output into place; returns the manifest and the metrics
     (None without --label). Nothing is left at --out or beside it unless every unit
     succeeded."""
-    from raytrain import inference
+    from raytrain.inference import batch as inference
 
     trained, source, out, keep = checked
     units = inference.units_of(source, inference.UNIT_ROWS)
@@ -310,13 +269,3 @@ def summary(console: Console, out, manifest, metrics, wall: float) -> None:
             f"  ({metrics['rows']:,} rows; confusion, true x predicted: {metrics['confusion']})"
         )
     console.line(f"done in {wall:.1f} s; predictions in {out}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
-    add_args(parser)
-    return predict(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

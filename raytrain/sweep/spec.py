@@ -1,6 +1,6 @@
 """The sweep file: a raytrain config (the base every trial starts from) plus a ``sweep:`` section
 saying what to search, how, and by which metric. Read and checked here, before Ray starts; turned
-into Ray Tune's search space, search algorithm and scheduler by raytrain.tune.
+into Ray Tune's search space, search algorithm and scheduler by raytrain.sweep.tuner.
 
     train: {epochs: 3}
     scaling: {workers: 2}
@@ -102,6 +102,7 @@ def load(path: str | Path) -> tuple[dict[str, Any], SweepConfig]:
         where = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         raise SweepError(f"sweep file {str(path)!r}: sweep.{where}: {message}") from None
+    base = keep_what_is_ranked(path, raw, base, sweep)
     if sweep.metric is None:
         sweep = sweep.model_copy(update={"metric": base.run.checkpoint_metric})
     for field, spec in sweep.space.items():
@@ -117,6 +118,25 @@ def load(path: str | Path) -> tuple[dict[str, Any], SweepConfig]:
             "search: random to mix grid points with sampled ones"
         )
     return base.to_dict(), sweep
+
+
+def keep_what_is_ranked(
+    path: str | Path, raw: dict[str, Any], base: config.Config, sweep: SweepConfig
+) -> config.Config:
+    """The base config with which every trial keeps the checkpoint the sweep ranks it by: its
+    best checkpoint is chosen by the sweep's metric, and every epoch that improves it writes
+    one (``train.checkpoint_best``, unless the file sets it)."""
+    given = (raw.get("run") or {}).get("checkpoint_metric")
+    if sweep.metric is not None and given is not None and given != sweep.metric:
+        raise SweepError(
+            f"sweep file {str(path)!r}: sweep.metric {sweep.metric} and run.checkpoint_metric "
+            f"{given} differ; a trial keeps its best checkpoint by the metric the sweep ranks "
+            "it by: drop one of them"
+        )
+    flags: dict[str, Any] = {"run.checkpoint_metric": sweep.metric or base.run.checkpoint_metric}
+    if (raw.get("train") or {}).get("checkpoint_best") is None:
+        flags["train.checkpoint_best"] = True
+    return config.load(base=base.to_dict(), flags=flags)
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], **flags: Any) -> config.Config:
