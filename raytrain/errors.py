@@ -22,3 +22,12 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     reports of errors raised by libraries."""
     text = str(error).strip()
     return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's whole message on one line (an AWS error spreads its reason over several),
+    cut at ``limit`` characters; its type's name if it has none."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text or type(error).__name__

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from raytrain.config import Config
-from raytrain.errors import UserError, first_line
-from raytrain.storage import Location
+from raytrain.errors import UserError, first_line, one_line
+from raytrain.storage import Location, StorageError, check_bucket
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -141,21 +141,16 @@ def _check_local_storage(storage: Path) -> None:
 def check_object_storage(storage: Location) -> None:
     """Fail in seconds, in one sentence, on a bucket that does not exist, credentials it refuses
     or an endpoint that does not answer, before anything starts."""
-    bucket = storage.path.partition("/")[0]
     try:
-        found = Location(storage.fs, bucket, storage.scheme, storage.query).exists()
-        if found:
-            storage.mkdir()
+        check_bucket(storage, f"run.storage_path {str(storage)!r}")
+        storage.mkdir()
+    except StorageError as e:
+        raise RunDirError(str(e)) from None
     except OSError as e:
         raise RunDirError(
-            f"run.storage_path {str(storage)!r} cannot be used: {first_line(e)}; check the "
+            f"run.storage_path {str(storage)!r} cannot be used: {one_line(e)}; check the "
             "endpoint, the bucket and the credentials (AWS_ACCESS_KEY_ID, ~/.aws/credentials)"
         ) from None
-    if not found:
-        raise RunDirError(
-            f"run.storage_path {str(storage)!r}: bucket {bucket!r} does not exist; create it, "
-            "or fix the bucket's name"
-        )
 
 
 def discard_if_unused(run_dir: Location) -> None:

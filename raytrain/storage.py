@@ -29,13 +29,31 @@ from urllib.parse import parse_qsl, urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raytrain.errors import UserError, first_line
+from raytrain.errors import UserError, first_line, one_line
 
 _SECRET_PARAMETERS = {"access_key", "secret_key", "session_token"}
 
 
 class StorageError(UserError):
     """A storage path or URI that cannot be used (one sentence naming it)."""
+
+
+def check_bucket(where: Location, what: str) -> None:
+    """Fail in seconds, in one sentence naming ``what`` (e.g. "run.storage_path 's3://...'"),
+    on a bucket that does not exist, credentials it refuses or an endpoint that does not
+    answer. A local path passes as it is."""
+    if where.local:
+        return
+    bucket = where.path.partition("/")[0]
+    try:
+        found = Location(where.fs, bucket, where.scheme, where.query).exists()
+    except OSError as e:
+        raise StorageError(
+            f"{what} cannot be used: {one_line(e)}; check the endpoint, the bucket and the "
+            "credentials (AWS_ACCESS_KEY_ID, ~/.aws/credentials)"
+        ) from None
+    if not found:
+        raise StorageError(f"{what}: bucket {bucket!r} does not exist; create it, or fix its name")
 
 
 @dataclass(frozen=True)

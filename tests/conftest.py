@@ -1,7 +1,9 @@
 """One embedded Ray for the whole test session, and helpers that run real trainings on it.
 
 Tests that start Ray in any way carry the ``ray`` marker: ``scripts/test -m "not ray"`` runs the
-rest in well under a minute.
+rest in well under a minute. Tests that train or start a cluster carry ``slow`` as well, marked
+here when they use a fixture that trains (``SLOW_FIXTURES``) and by hand when they train in a
+process of their own: ``scripts/test -m "not slow"`` runs the rest in a few minutes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from raytrain.report.console import Console
 from raytrain.train import checkpoint, driver
 
 ROOT = Path(__file__).resolve().parent.parent
+# Fixtures that train a model or start a cluster: a test that uses one is slow.
+SLOW_FIXTURES = {"train", "ray_cluster", "cluster", "swept", "run", "finished_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -100,9 +110,12 @@ def train(ray_session, tmp_path_factory):
         cores: int = 2,
         fail_at: tuple[int, int] | None = None,
         report: bool = False,
+        storage: Path | None = None,
+        config_file: Path | None = None,
     ) -> Trained:
-        storage = tmp_path_factory.mktemp("runs")
-        cfg = config.load(overrides=list(overrides), flags={"run.storage_path": str(storage)})
+        storage = storage or tmp_path_factory.mktemp("runs")
+        flags = {"run.storage_path": str(storage)}
+        cfg = config.load(config_file, overrides=list(overrides), flags=flags)
         plan = cluster.plan_embedded(cfg, cores)
         run_dir = runs.claim(cfg)
         runs.save_config(run_dir, cfg)

@@ -395,15 +395,12 @@ class Hosts:
     def close(self) -> None:
         """Stop every Ray node, kill what is left on every host, delete what was created."""
         problems = []
-        # SIGTERM makes `ray start --block` stop the Ray processes it started; workers first.
-        for i in sorted(self._ray, reverse=True):
-            self._ray[i].send_signal(signal.SIGTERM)
+        # Every process of a host is in its network namespace, and the namespace goes: each
+        # is killed by its id below, instead of letting `ray start --block` stop its processes
+        # on SIGTERM (that took 32 s per module; nothing of a host's is kept).
         for proc in self._ray.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.kill()
+            proc.wait()
         self._ray.clear()
         for i in range(len(self._netns)):
             try:

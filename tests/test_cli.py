@@ -21,6 +21,7 @@ RAYTRAIN = str(Path(sys.executable).parent / "raytrain")  # the console script p
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_four_workers_on_two_cores(tmp_path):
     proc = run_module(
         "raytrain.main", "--workers", "4", "--epochs", "2", "--storage-path", str(tmp_path)
@@ -46,6 +47,7 @@ def test_four_workers_on_two_cores(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_elastic_range_starts_with_what_the_machine_holds(tmp_path):
     """--workers 2-4 on an embedded Ray sized to this machine's cores (plus one CPU for reading
     data): Ray Train starts as many one-CPU workers as fit, at least 2 and at most 4."""

@@ -18,7 +18,7 @@ import ray  # noqa: F401 - puts Ray's own psutil on the path
 
 from .test_recovery import process_tree, start_cli, wait_for_epochs
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CLIENT = """
 import ray

@@ -127,6 +127,27 @@ def test_an_existing_file_is_kept_unless_overwrite(tmp_path, capsys):
     assert torch.jit.load(io.BytesIO(out.read_bytes())) is not None
 
 
+@pytest.mark.parametrize(
+    "where, fmt, said",
+    [
+        ("missing/m.onnx", "onnx", "does not exist; create it or write elsewhere"),
+        ("a-file/m.pt", "torchscript", "does not exist; create it or write elsewhere"),
+        ("a-dir", "torchscript", "cannot write it (Is a directory)"),
+    ],
+    ids=["missing-directory", "under-a-file", "a-directory"],
+)
+def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys, where, fmt, said):
+    write_checkpoint(tmp_path / "ckpt", "simple")
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "a-dir").mkdir()
+    out = str(tmp_path / where)
+    args = ["export", str(tmp_path / "ckpt"), "--format", fmt, "--out", out, "--overwrite"]
+    assert cli.main(args) == 2
+    line = _one_line(capsys)
+    assert f"--out {out!r}" in line and said in line, line
+    assert (tmp_path / "a-file").read_text() == "mine" and not list((tmp_path / "a-dir").iterdir())
+
+
 def test_a_damaged_or_missing_checkpoint_is_one_line(tmp_path, capsys):
     write_checkpoint(tmp_path / "ckpt", "simple")
     state = tmp_path / "ckpt" / "state.pt"

@@ -39,6 +39,7 @@ def parquet_7x3(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_generated_files_are_standard_arrow_and_reproducible(parquet_7x3, tmp_path):
     files = sorted(parquet_7x3.glob("*.parquet"))
     assert len(files) == 3
@@ -63,6 +64,7 @@ def test_ray_reads_back_what_was_written(ray_session, parquet_7x3):
     assert rows == 6000
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_directory_with_data(parquet_7x3):
     proc = run_module("raytrain", "data", "generate", "--rows", "10", "--out", str(parquet_7x3))
     assert "already holds Parquet files" in one_error_line(proc)
@@ -289,6 +291,7 @@ def test_auto_ingest_counts_one_copy_per_worker_on_a_node(ray_session, parquet_7
     assert build_datasets(cfg, workers=2, copies_per_node=2).ingest == "stream"
 
 
+@pytest.mark.slow
 def test_streamed_elastic_run_needs_a_batch_every_worker_count_divides(parquet_7x3, tmp_path):
     """--workers 2-4 may start with 3 workers: a global batch of 32 cannot be dealt out in equal
     local batches to 3, and the run says so instead of training with 30."""

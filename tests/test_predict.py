@@ -301,6 +301,7 @@ def test_the_exported_onnx_model_predicts_what_predict_does(run, data, tmp_path,
     assert np.abs(from_onnx - written).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_an_interrupted_prediction_leaves_nothing_behind(tmp_path):
     """Ctrl-C while the actors write: exit 130, no output and no staging directory left."""
     import signal

@@ -158,6 +158,7 @@ def test_interrupted_driver_resumes_to_the_same_weights(train, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_killed_driver_resumes_and_each_epoch_is_shown_once(tmp_path):
     """The driver and its embedded Ray die with SIGKILL after epoch 3 (checkpoint at epoch 2);
     --resume trains epoch 3 again: the file says which rows the new session superseded, and
@@ -200,6 +201,7 @@ def test_killed_driver_resumes_and_each_epoch_is_shown_once(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_keeps_its_epochs_row(ray_session, tmp_path):
     """Rank 0 writes the epoch's row before it hands Ray Train the checkpoint: when writing the
     checkpoint fails (here a file stands where its directory must go), the row is there."""
@@ -224,6 +226,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_its_epochs_row(ray_session, t
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_sigterm_stops_the_run_and_keeps_its_checkpoints(tmp_path):
     proc = start_cli(*SLOWER, "--epochs", "50", "--storage-path", str(tmp_path), "--name", "t1")
     wait_for_checkpoint(tmp_path / "t1", proc)
@@ -235,6 +238,7 @@ def test_sigterm_stops_the_run_and_keeps_its_checkpoints(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_giving_up_names_the_worker_the_epoch_and_the_last_checkpoint(tmp_path):
     proc = start_cli(
         "--workers",

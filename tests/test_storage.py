@@ -71,6 +71,7 @@ def objects(s3: S3Server, prefix: str) -> dict[str, bytes]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_run_on_object_storage_is_interrupted_resumed_listed_and_reported(s3):
     data = Location.of(s3.uri(BUCKET, "data"))
     x, y, _ = draw(20000, DataConfig(), 0)
@@ -158,6 +159,24 @@ def test_an_endpoint_that_does_not_answer_is_one_line():
     assert "cannot be used" in line and nobody in line and "endpoint" in line
 
 
+def test_a_data_path_in_a_missing_bucket_is_one_line(s3, tmp_path):
+    line = fails_in_seconds(
+        "--set", f"data.path={s3.uri('no-such-bucket', 'rows')}", "--storage-path", str(tmp_path)
+    )
+    assert "data path" in line and "bucket 'no-such-bucket' does not exist" in line
+
+
+def test_a_data_path_whose_endpoint_does_not_answer_is_one_line(tmp_path):
+    nobody = f"127.0.0.1:{free_port()}"
+    line = fails_in_seconds(
+        "--set",
+        f"data.path=s3://{BUCKET}/rows?endpoint_override={nobody}&scheme=http",
+        "--storage-path",
+        str(tmp_path),
+    )
+    assert "data path" in line and "cannot be used" in line and nobody in line
+
+
 def test_aws_endpoint_url_names_the_server_too(s3):
     """The standard variable instead of the URI's query: the answer comes from the test's server
     (this machine reaches no real S3)."""
@@ -181,6 +200,7 @@ def test_credentials_in_the_uri_are_refused_and_not_repeated(uri):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_predict_reads_a_checkpoint_and_data_on_object_storage_and_writes_there(s3, tmp_path):
     import pyarrow.fs as pafs
 
@@ -210,6 +230,7 @@ def test_predict_reads_a_checkpoint_and_data_on_object_storage_and_writes_there(
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_sweep_keeps_its_trials_and_results_on_object_storage(s3, tmp_path):
     import yaml
 

@@ -91,6 +91,7 @@ def test_csv_trains_exactly_as_the_same_rows_in_parquet(train, parquet_run, tmp_
     assert [r["loss"] for r in from_csv.metrics] == [r["loss"] for r in from_parquet.metrics]
 
 
+@pytest.mark.slow
 def test_a_csv_value_that_is_not_a_number_names_file_line_and_column(tmp_path):
     lines = ["f0,f1,label", "1.5,2,0", "0.5,3,1", "2.5,x,0", "1.0,1,1"]
     (tmp_path / "data").mkdir()

@@ -231,6 +231,7 @@ def test_default_run_learns_and_validates_on_the_workers(train):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_loss_that_is_not_finite_stops_every_worker_with_one_line(tmp_path):
     proc = run_module(
         "raytrain.main",
@@ -290,6 +291,50 @@ def test_the_best_checkpoint_is_the_epoch_with_the_lowest_validation_loss(train)
     from raytrain.train import checkpoint
 
     assert checkpoint.load(chosen["checkpoint"])["epoch"] == best
+
+
+@pytest.mark.ray
+def test_a_validation_loss_that_is_not_finite_stops_the_run_and_keeps_no_checkpoint(
+    train, tmp_path
+):
+    """lr 1e38 on the simple model: training losses stay finite (about 3e36), but the validation
+    loss overflows. The run stops there as on a non-finite training loss; no checkpoint of that
+    epoch, so none with an infinite metric can be the best."""
+    from raytrain.errors import TrainingStopped
+
+    args = ("train.lr=1e38", "train.epochs=3", "train.checkpoint_every=1", "run.name=nf")
+    with pytest.raises(TrainingStopped) as stopped:
+        train(*args, storage=tmp_path)
+    rows = runs.read_metrics(tmp_path / "nf")
+    last = rows[-1]
+    assert last["nonfinite_validation"] and not math.isfinite(last["val_loss"])
+    assert math.isfinite(last["loss"])
+    assert str(stopped.value).startswith(
+        f"the validation loss became {last['val_loss']} in epoch {last['epoch']}"
+    )
+    assert all(math.isfinite(row["val_loss"]) for row in rows[:-1])
+    assert last["checkpoint"] is None
+    assert not (tmp_path / "nf" / runs.checkpoint_name(last["epoch"])).exists()
+    assert not (tmp_path / "nf" / runs.RESULTS_FILE).exists()
+
+
+@pytest.mark.ray
+def test_checkpoint_best_keeps_the_best_epoch_validated(train):
+    """train.checkpoint_best: a checkpoint at every new best of the checkpoint metric, so the
+    best checkpoint is the best epoch even when no regular checkpoint fell on it."""
+    trained = train(*OVERFIT, "train.checkpoint_every=0", "train.checkpoint_best=true")
+    losses = {row["epoch"]: row["val_loss"] for row in trained.metrics}
+    best = min(losses, key=losses.get)
+    assert best < 8, losses
+    running, improved = math.inf, []
+    for epoch, loss in sorted(losses.items()):
+        if loss < running:
+            running, improved = loss, [*improved, epoch]
+    saved = [row["epoch"] for row in trained.metrics if row["checkpoint"]]
+    assert saved == sorted({*improved, 8})  # each new best, and the last epoch
+    chosen = trained.results["best"]
+    assert chosen["epoch"] == best and chosen["value"] == pytest.approx(losses[best])
+    assert trained.results["validation"]["loss"] == pytest.approx(losses[best], abs=TOLERANCE)
 
 
 @pytest.mark.ray

@@ -21,8 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raytrain import cli, runs
+from raytrain import cli, config, runs
 from raytrain.data.tables import xy_table
+from raytrain.storage import Location
+from raytrain.sweep import spec as sweep_spec
+from raytrain.sweep.results import best_trial, summarize
+from raytrain.train.outcome import validation_of
 from tests.conftest import ROOT, one_error_line
 from tests.mlflowserver import MlflowServer
 
@@ -115,6 +119,14 @@ def test_a_sweep_of_8_trials_with_asha_and_a_failing_trial(swept):
     best = results["best"]
     ranked = sorted(t["best"] for t in trials if t["status"] != "failed")
     assert best["best"] == ranked[0]
+    for t in trials:  # ranked by what each trial keeps: its best checkpoint's validation
+        if t["status"] == "failed":
+            continue
+        kept = Path(t["run_dir"]) / runs.checkpoint_name(t["best_epoch"])
+        assert validation_of(str(kept))["loss"] == pytest.approx(t["best"], abs=1e-5), t
+        if t["status"] == "finished":
+            run = json.loads((Path(t["run_dir"]) / "results.json").read_text())
+            assert (run["best"]["epoch"], run["best"]["value"]) == (t["best_epoch"], t["best"])
     assert (sweep_dir / "sweep.csv").read_text().count("\n") == 9
     out = proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -143,35 +155,19 @@ def test_the_sweeps_trials_are_runs_of_one_mlflow_experiment(swept, mlflow_serve
 
 
 @pytest.mark.ray
-def test_the_best_config_trains_again_to_the_same_validation(swept, tmp_path):
+def test_the_best_config_trains_again_to_the_same_validation(swept, train):
+    """best.yaml, loaded as ``raytrain train --config best.yaml`` loads it, trains on the
+    session's Ray to the trial's validation."""
     sweep_dir, _ = swept
     best = json.loads((sweep_dir / "sweep.json").read_text())["best"]
     assert best["status"] == "finished"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raytrain.main",
-            "--config",
-            str(sweep_dir / "best.yaml"),
-            "--storage-path",
-            str(tmp_path),
-            "--name",
-            "again",
-            "--no-report",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    again = json.loads((tmp_path / "again" / "results.json").read_text())["validation"]
+    again = train(config_file=sweep_dir / "best.yaml").results["validation"]
     trial = json.loads((Path(best["run_dir"]) / "results.json").read_text())["validation"]
     assert again["loss"] == trial["loss"] and again["confusion"] == trial["confusion"]
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_and_runs_only_what_was_left(tmp_path):
     spec = write_sweep(
         tmp_path / "s.yaml",
@@ -236,7 +232,46 @@ BAD = {
     "bad kind": ({"sweep": {"space": {"train.lr": {"normal": [0, 1]}}}}, "give one of choice"),
     "low above high": ({"sweep": {"space": {"train.lr": {"uniform": [1, 0.1]}}}}, "low < high"),
     "empty space": ({"sweep": {"space": {}}}, "the search space is empty"),
+    "two metrics": (
+        {
+            "run": {"checkpoint_metric": "val_accuracy"},
+            "sweep": {"metric": "val_loss", "space": {"train.lr": {"choice": [0.1]}}},
+        },
+        "sweep.metric val_loss and run.checkpoint_metric val_accuracy differ",
+    ),
 }
+
+
+def test_a_sweep_ranks_each_trial_by_the_checkpoint_it_keeps(tmp_path):
+    """The review's case: trial a's lowest val_loss (0.111 at epoch 2) came from an epoch that
+    wrote no checkpoint, and the model it keeps is epoch 3's (0.137); trial b keeps 0.12. The
+    sweep ranks what the trials keep: b is the best, and a's value is 0.137."""
+    sweep = sweep_spec.SweepConfig(space={"train.lr": {"choice": [0.1]}}, metric="val_loss")
+    cases = {"trial-a_00000": [0.2, 0.111, 0.137], "trial-b_00001": [0.15, 0.125, 0.12]}
+    for trial, losses in cases.items():
+        run_dir = Location.of(tmp_path / trial)
+        run_dir.mkdir()
+        runs.save_config(run_dir, config.load(flags={"train.epochs": 3}))
+        for epoch, loss in enumerate(losses, 1):
+            saved = str(run_dir / runs.checkpoint_name(epoch)) if epoch == 3 else None
+            runs.append_line(run_dir, {"epoch": epoch, "val_loss": loss, "checkpoint": saved})
+    rows = summarize(Location.of(tmp_path), sweep, 3, [], interrupted=False)
+    assert {r["trial"]: (r["best"], r["best_epoch"]) for r in rows} == {
+        "trial-a_00000": (0.137, 3),
+        "trial-b_00001": (0.12, 3),
+    }
+    assert best_trial(sweep, rows)["trial"] == "trial-b_00001"
+
+
+def test_a_sweeps_trials_keep_a_checkpoint_at_each_new_best_of_its_metric(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", metric="val_accuracy")
+    base, sweep = sweep_spec.load(path)
+    assert base["run"]["checkpoint_metric"] == sweep.metric == "val_accuracy"
+    assert base["train"]["checkpoint_best"] is True
+    spec = yaml.safe_load(path.read_text())
+    spec["train"]["checkpoint_best"] = False  # the file's own choice stands
+    path.write_text(yaml.safe_dump(spec))
+    assert sweep_spec.load(path)[0]["train"]["checkpoint_best"] is False
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
@@ -283,6 +318,7 @@ def test_a_sweep_on_bad_data_is_one_line_before_any_trial(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_optuna_search_draws_the_trials(tmp_path):
     """Two trials drawn by Optuna, on Parquet files that the sweep checked once for both."""
     data = write_parquet(tmp_path / "data" / "part-0.parquet", 1000).parent

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from raytrain.data import csvfiles
 from raytrain.data.tables import xy_table
-from raytrain.errors import UserError
-from raytrain.storage import Location, StorageError
+from raytrain.errors import UserError, one_line
+from raytrain.storage import Location, StorageError, check_bucket
 
 _BUCKETS = 1_000_000  # resolution of the hashed validation split
 
@@ -56,6 +56,30 @@ class Source:
 _COLUMNS_HINT = "set data.feature_columns and data.label_column to the right names"
 
 
+def list_files(where: Location, path: str) -> list[str]:
+    """The Parquet and CSV files at ``where`` (a file, or a directory searched recursively);
+    a DataError in one line if there are none or the path cannot be read."""
+    try:
+        check_bucket(where, f"data path {path!r}")
+        info = where.fs.get_file_info(where.path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"data path {path!r} does not exist")
+        if info.type == pafs.FileType.File:
+            return [where.path]
+        found = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True))
+    except StorageError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"data path {path!r} cannot be read: {one_line(e)}") from None
+    return sorted(
+        f.path
+        for f in found
+        if f.is_file
+        and f.path.endswith((".parquet", ".csv"))
+        and not os.path.basename(f.path).startswith((".", "_"))
+    )
+
+
 def find(
     path: str,
     feature_columns: Sequence[str],
@@ -70,21 +94,7 @@ def find(
         where = Location.of(path)  # a local path made absolute, or a URI
     except StorageError as e:
         raise DataError(f"data path {path!r}: {e}") from None
-    fs, root = where.fs, where.path
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"data path {path!r} does not exist")
-    if info.type == pafs.FileType.File:
-        files = [root]
-    else:
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(
-            f.path
-            for f in found
-            if f.is_file
-            and f.path.endswith((".parquet", ".csv"))
-            and not os.path.basename(f.path).startswith((".", "_"))
-        )
+    fs, files = where.fs, list_files(where, path)
     kinds = {os.path.splitext(f)[1] for f in files}
     if not files:
         raise DataError(f"no Parquet or CSV files (*.parquet, *.csv) under data path {path!r}")
