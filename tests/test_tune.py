@@ -27,7 +27,7 @@ from raytrain.storage import Location
 from raytrain.sweep import spec as sweep_spec
 from raytrain.sweep.results import best_trial, summarize
 from raytrain.train.outcome import validation_of
-from tests.conftest import ROOT, one_error_line
+from tests.conftest import ROOT, one_error_line, save_checkpoint
 from tests.mlflowserver import MlflowServer
 
 SWEEP = {
@@ -244,21 +244,30 @@ BAD = {
 
 def test_a_sweep_ranks_each_trial_by_the_checkpoint_it_keeps(tmp_path):
     """The review's case: trial a's lowest val_loss (0.111 at epoch 2) came from an epoch that
-    wrote no checkpoint, and the model it keeps is epoch 3's (0.137); trial b keeps 0.12. The
-    sweep ranks what the trials keep: b is the best, and a's value is 0.137."""
+    wrote no checkpoint, and the model it keeps is epoch 3's (0.137); trial b keeps 0.12; trial
+    c's row names a checkpoint that was never written whole (its process was ended first), so
+    it keeps nothing. The sweep ranks what the trials keep: b is the best."""
     sweep = sweep_spec.SweepConfig(space={"train.lr": {"choice": [0.1]}}, metric="val_loss")
-    cases = {"trial-a_00000": [0.2, 0.111, 0.137], "trial-b_00001": [0.15, 0.125, 0.12]}
-    for trial, losses in cases.items():
+    cases = {
+        "trial-a_00000": ([0.2, 0.111, 0.137], {3}),
+        "trial-b_00001": ([0.15, 0.125, 0.12], {3}),
+        "trial-c_00002": ([0.05], set()),
+    }
+    for trial, (losses, written) in cases.items():
         run_dir = Location.of(tmp_path / trial)
         run_dir.mkdir()
         runs.save_config(run_dir, config.load(flags={"train.epochs": 3}))
         for epoch, loss in enumerate(losses, 1):
-            saved = str(run_dir / runs.checkpoint_name(epoch)) if epoch == 3 else None
+            named = run_dir / runs.checkpoint_name(epoch)
+            if epoch in written:
+                save_checkpoint(named.as_path())
+            saved = str(named) if epoch in written or trial.startswith("trial-c") else None
             runs.append_line(run_dir, {"epoch": epoch, "val_loss": loss, "checkpoint": saved})
     rows = summarize(Location.of(tmp_path), sweep, 3, [], interrupted=False)
     assert {r["trial"]: (r["best"], r["best_epoch"]) for r in rows} == {
         "trial-a_00000": (0.137, 3),
         "trial-b_00001": (0.12, 3),
+        "trial-c_00002": (None, None),
     }
     assert best_trial(sweep, rows)["trial"] == "trial-b_00001"
 

@@ -16,6 +16,7 @@ import yaml
 from raytrain import runs
 from raytrain.storage import Location
 from raytrain.sweep.layout import BEST_FILE, RESULTS_CSV, RESULTS_JSON, TRIAL_PREFIX
+from raytrain.train.checkpoint import persisted
 from raytrain.train.stopping import best_of
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})")
@@ -40,9 +41,10 @@ def summarize(sweep_dir: Location, sweep, epochs: int, grid, interrupted: bool) 
         saved = runs.saved_config(run_dir)
         params = {field: _get(saved, field) for field in sweep.space}
         rows_of_run = runs.read_metrics(run_dir)
-        # Ranked by what the trial keeps: the best epoch that wrote a checkpoint, chosen by the
+        # Ranked by what the trial keeps: the best epoch whose checkpoint is there, chosen by the
         # rule that picks a run's best checkpoint.
-        kept = best_of([(row, row) for row in rows_of_run if row.get("checkpoint")], sweep.metric)
+        saved = [(row, row) for row in rows_of_run if row.get("checkpoint")]
+        kept = best_of([(r, m) for r, m in saved if persisted(r["checkpoint"])], sweep.metric)
         best = kept[1] if kept else None
         done = max((row["epoch"] for row in rows_of_run), default=0)
         finished = (run_dir / runs.RESULTS_FILE).is_file()

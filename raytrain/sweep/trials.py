@@ -7,6 +7,7 @@ check depends on (``CHECKED_FIELDS``); every trial takes that check."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +74,20 @@ class TrialConsole(Console):
         from ray import tune
 
         if self.metric in row:
+            if row.get("checkpoint"):  # ASHA may stop the trial on this report: keep it first
+                wait_for_checkpoint(row["checkpoint"])
             keys = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "samples_per_s")
             tune.report({k: row[k] for k in keys if k in row})
+
+
+def wait_for_checkpoint(location: str, timeout: float = 60.0) -> None:
+    """Wait until the checkpoint a row names is persisted (or ``timeout`` passes), so that a trial
+    that ASHA stops after an epoch keeps that epoch's checkpoint, which the sweep ranks it by."""
+    from raytrain.train.checkpoint import persisted
+
+    deadline = time.monotonic() + timeout
+    while not persisted(location) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 # What the check of the data files depends on (raytrain.data.checks.scan_files).

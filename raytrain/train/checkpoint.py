@@ -155,6 +155,13 @@ def report(rank: int, epoch: int, metrics: dict[str, Any], **state: Any) -> None
         )
 
 
+def persisted(location: str | Location) -> bool:
+    """Whether the checkpoint a metrics row names has been written whole where it belongs (rank
+    0 writes the row first, then Ray Train persists the checkpoint's files)."""
+    where = Location.of(location)
+    return (where / META_FILE).is_file() and (where / STATE_FILE).is_file()
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
