@@ -168,7 +168,7 @@ def test_a_host_that_dies_mid_training(cluster, tmp_path):
     minute with Ray's defaults: Ray Train first asks for 3 workers again (the head has not yet
     noticed that the node is dead) and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s; 30 s
     here, ``START_TIMEOUT``) before it settles for 2."""
-    hosts, epochs, log = cluster.hosts, 15, tmp_path / "driver.out"
+    hosts, epochs, log = cluster.hosts, 10, tmp_path / "driver.out"
     args = ("--workers", "2-3", "--epochs", str(epochs), "--name", "r1")
     code, killed_at = _kill_host_2_mid_run(cluster, log, "elastic", *args)
     text = log.read_text()
