@@ -402,7 +402,6 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
                 "the embedded Ray started without token auth: anyone who reaches this machine "
                 "could run code in it; stopped (this Ray version ignores RAY_AUTH_MODE=token)"
             )
-        _start_autoscaling_coordinator()
     if not verbose:
         _relay_cluster_errors()
     data_ctx = DataContext.get_current()
@@ -413,12 +412,13 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
     data_ctx.print_on_execution_start = verbose
 
 
-def _start_autoscaling_coordinator() -> None:
+def start_autoscaling_coordinator() -> None:
     """Start, without waiting, the actor to which every Ray Train controller sends its resource
     request right after it starts. The controller creates it on first use and waits for its
-    answer: a process of its own started on the critical path of the first fit(), 3-5 s here,
-    which now starts while the driver prepares the data. Ray Data's own function, so the
-    controller finds this very actor (by name); skipped if Ray no longer has it."""
+    answer: on a fresh embedded Ray a process of its own started on the critical path of the
+    first fit(), 3-5 s here, which the driver starts while it prepares the data. Ray Data's own
+    function, so the controller finds this very actor (by name); skipped if Ray no longer has
+    it, and a no-op once the actor exists."""
     try:
         from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
     except ImportError:

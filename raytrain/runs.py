@@ -38,7 +38,7 @@ from typing import Any
 
 from raytrain.config import Config
 from raytrain.errors import UserError, first_line, one_line
-from raytrain.storage import Location, StorageError, check_bucket
+from raytrain.storage import ACCESS_HINT, Location, StorageError, check_bucket
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -141,16 +141,14 @@ def _check_local_storage(storage: Path) -> None:
 def check_object_storage(storage: Location) -> None:
     """Fail in seconds, in one sentence, on a bucket that does not exist, credentials it refuses
     or an endpoint that does not answer, before anything starts."""
+    what = f"run.storage_path {str(storage)!r}"
     try:
-        check_bucket(storage, f"run.storage_path {str(storage)!r}")
+        check_bucket(storage, what)
         storage.mkdir()
     except StorageError as e:
         raise RunDirError(str(e)) from None
     except OSError as e:
-        raise RunDirError(
-            f"run.storage_path {str(storage)!r} cannot be used: {one_line(e)}; check the "
-            "endpoint, the bucket and the credentials (AWS_ACCESS_KEY_ID, ~/.aws/credentials)"
-        ) from None
+        raise RunDirError(f"{what} cannot be used: {one_line(e)}; {ACCESS_HINT}") from None
 
 
 def discard_if_unused(run_dir: Location) -> None:

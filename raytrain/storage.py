@@ -38,6 +38,11 @@ class StorageError(UserError):
     """A storage path or URI that cannot be used (one sentence naming it)."""
 
 
+ACCESS_HINT = (
+    "check the endpoint, the bucket and the credentials (AWS_ACCESS_KEY_ID, ~/.aws/credentials)"
+)
+
+
 def check_bucket(where: Location, what: str) -> None:
     """Fail in seconds, in one sentence naming ``what`` (e.g. "run.storage_path 's3://...'"),
     on a bucket that does not exist, credentials it refuses or an endpoint that does not
@@ -48,10 +53,7 @@ def check_bucket(where: Location, what: str) -> None:
     try:
         found = Location(where.fs, bucket, where.scheme, where.query).exists()
     except OSError as e:
-        raise StorageError(
-            f"{what} cannot be used: {one_line(e)}; check the endpoint, the bucket and the "
-            "credentials (AWS_ACCESS_KEY_ID, ~/.aws/credentials)"
-        ) from None
+        raise StorageError(f"{what} cannot be used: {one_line(e)}; {ACCESS_HINT}") from None
     if not found:
         raise StorageError(f"{what}: bucket {bucket!r} does not exist; create it, or fix its name")
 

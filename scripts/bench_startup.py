@@ -2,10 +2,11 @@
 
 Every Ray Train controller sends its resource request to a detached actor right after it starts,
 and creates that actor on first use: on a fresh embedded Ray, a process started on the critical
-path of fit(). raytrain starts it right after ray.init (raytrain.cluster), while the driver
-prepares the data. This runs the README's kind of run (2 workers, 2 epochs, synthetic data) in a
-fresh process each time, with the early start ("early") and without it ("on first use": the
-function patched out in that process only), interleaved, and prints the phases that change.
+path of fit(). raytrain's driver starts it before it prepares the data (raytrain.train.driver,
+raytrain.cluster.start_autoscaling_coordinator). This runs the README's kind of run (2
+workers, 2 epochs, synthetic data) in a fresh process each time, with the early start ("early")
+and without it ("on first use": the function patched out in that process only), interleaved,
+and prints the phases that change.
 
     python scripts/bench_startup.py              # 3 repetitions of each
     python scripts/bench_startup.py --reps 5
@@ -31,7 +32,7 @@ RUN = """
 import sys
 from raytrain import cluster
 if sys.argv[1] == "on first use":
-    cluster._start_autoscaling_coordinator = lambda: None
+    cluster.start_autoscaling_coordinator = lambda: None
 from raytrain.commands.train import main
 sys.exit(main(["--workers", "2", "--epochs", "2", "--storage-path", sys.argv[2],
                "--name", "r", "--no-report"]))

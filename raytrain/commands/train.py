@@ -197,7 +197,9 @@ def run(args: argparse.Namespace, program: str = PROG) -> int:
             from raytrain.model import load_model_class
 
             load_model_class(cfg.model.name)
-        ahead = scan_ahead(cfg)
+        from raytrain.data.checks import scan_ahead  # numpy and pyarrow: after bad input
+
+        ahead = scan_ahead(cfg.data, embedded=cluster_address(cfg) is None)
         # Imported here so that bad input is reported before torch and Ray are loaded.
         from raytrain.train import driver
 
@@ -232,14 +234,6 @@ def run(args: argparse.Namespace, program: str = PROG) -> int:
     results = runs.display(run_dir / runs.RESULTS_FILE)
     console.line(f"done in {time.perf_counter() - started:.1f} s; results in {results}")
     return EXIT_OK
-
-
-def scan_ahead(cfg: Config):
-    """The check of the data files started now, beside torch's and Ray's start, if the driver
-    will make it itself (``raytrain.data.checks.scan_ahead``); else None."""
-    from raytrain.data.checks import scan_ahead as start
-
-    return start(cfg.data, embedded=cluster_address(cfg) is None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raytrain import runs, tracking
+from raytrain import cluster, runs, tracking
 from raytrain.cluster import Plan
 from raytrain.config import Config
 from raytrain.data.checks import ScanAhead, Scanned, scan_threads
@@ -209,6 +209,8 @@ def run(
             from raytrain.model import load_model_class
 
             load_model_class(cfg.model.name)
+        if plan.embedded:  # its process starts while the data is prepared, not inside fit()
+            cluster.start_autoscaling_coordinator()
         datasets = _prepare(cfg, plan, console, ahead)
         clock = {"started": started, "prepared": time.perf_counter()}
         results = _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock)
