@@ -26,6 +26,10 @@ PRECEDENCE = (
     "Settings come from, lowest to highest: the built-in defaults, then --config FILE, then "
     "--set section.field=value (in the order given), then the flags."
 )
+# The metrics that can pick the best checkpoint, stop early and rank a sweep's trials.
+Metric = Literal[
+    "val_loss", "val_accuracy", "val_auc", "val_f1", "val_log_loss", "loss", "accuracy"
+]
 MAX_SEED = 2**63 - 1  # torch's generators and numpy's SeedSequence both take 0..2**63-1
 
 
@@ -55,13 +59,33 @@ class DataConfig(_Section):
     val_path: str | None = Field(
         None, description="Parquet validation data. Unset: hold out val_fraction of the rows."
     )
-    feature_columns: tuple[str, ...] = Field(
-        ("x",),
+    feature_columns: tuple[str, ...] | None = Field(
+        None,
         min_length=1,
-        description="Parquet: one fixed-size-list column, or several numeric columns, that "
-        "make the features.",
+        description="Files: the feature columns (one fixed-size-list column, or numeric and "
+        "categorical columns). Unset: every column but the label.",
     )
-    label_column: str = Field("y", description="Parquet: the integer class label column.")
+    label_column: str = Field(
+        "y",
+        description="Files: the label column: class indexes 0..k-1, or class names (strings, "
+        "booleans).",
+    )
+    categorical_columns: tuple[str, ...] | None = Field(
+        None,
+        description="Feature columns taken as categories besides those whose type says so "
+        "(strings, booleans, dictionaries), e.g. an integer code column.",
+    )
+    max_categories: int = Field(
+        100,
+        ge=1,
+        description="Values per categorical column the model tells apart: the most frequent in "
+        "the training split; rarer ones and ones never seen share an 'unknown' code.",
+    )
+    missing: Literal["impute", "error"] = Field(
+        "impute",
+        description="Missing numeric values (null, NaN): 'impute' fills them with the training "
+        "mean and adds a 0/1 'was missing' feature per such column; 'error' refuses them.",
+    )
     ingest: Literal["auto", "memory", "stream"] = Field(
         "auto",
         description="'memory': every worker copies the training split into memory once; "
@@ -114,6 +138,12 @@ class ModelConfig(_Section):
     )
     kwargs: dict[str, Any] = Field(
         {}, description="Keyword arguments for your own model class (besides features, classes)."
+    )
+    embedding_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Width of each categorical column's learned embedding. Unset: about "
+        "1.6 x codes^0.56, at most 16.",
     )
 
     @field_validator("name")
@@ -187,6 +217,11 @@ class TrainConfig(_Section):
         None, gt=0, description="Clip the global batch's gradient to this L2 norm. Unset: no clip."
     )
     shuffle: bool = Field(True, description="Reshuffle the training rows every epoch (seeded).")
+    class_weight: Literal["none", "balanced"] = Field(
+        "none",
+        description="'balanced': weigh each class's loss by rows / (classes x its training "
+        "rows), so that a rare class counts as much as a common one (imbalanced labels).",
+    )
     seed: int = Field(
         0,
         ge=0,
@@ -298,10 +333,11 @@ class RunConfig(_Section):
         "embedded Ray on this machine.",
         **_flag("address"),
     )
-    checkpoint_metric: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = Field(
+    checkpoint_metric: Metric = Field(
         "val_loss",
-        description="What makes a checkpoint the best (lowest loss, highest accuracy): the one "
-        "the driver validates at the end, and what early stopping watches.",
+        description="What makes a checkpoint the best (lowest loss and log loss, highest "
+        "accuracy, AUC and F1): the one the driver validates at the end, and what early "
+        "stopping watches.",
     )
     max_failures: int = Field(
         2, ge=0, description="Worker-group failures Ray Train recovers from before giving up."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,6 +40,34 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def embedding_width(cardinality: int, dim: int | None) -> int:
+    """``model.embedding_dim``, or by default about 1.6 x cardinality^0.56 (fast.ai's rule of
+    thumb), at most 16: 4 for 5 codes, 8 for 20, 16 from about 60."""
+    if dim is not None:
+        return dim
+    return max(2, min(16, round(1.6 * cardinality**0.56)))
+
+
+class Tabular(nn.Module):
+    """A model of numeric features, with a learned embedding of every categorical column in
+    front: ``x`` holds the numeric features, then one integer code per categorical column
+    (raytrain.data.columns); the embeddings of the codes, concatenated after the numeric
+    features, are what ``inner`` receives (its ``features`` counts them)."""
+
+    def __init__(self, inner: nn.Module, numeric: int, cardinalities, widths):
+        super().__init__()
+        self.numeric = numeric
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(n, w) for n, w in zip(cardinalities, widths, strict=True)
+        )
+        self.inner = inner
+
+    def forward(self, x):
+        codes = x[:, self.numeric :].long()
+        embedded = [e(codes[:, i]) for i, e in enumerate(self.embeddings)]
+        return self.inner(torch.cat([x[:, : self.numeric], *embedded], dim=1))
+
+
 class ModelError(UserError):
     """A custom model that cannot be imported or built (one sentence)."""
 
@@ -61,12 +90,21 @@ def load_model_class(name: str) -> type[nn.Module]:
     return cls
 
 
-def build_model(cfg: ModelConfig, features: int, classes: int) -> nn.Module:
-    """The model named by ``cfg.name``, sized for the data.
+def build_model(
+    cfg: ModelConfig, features: int, classes: int, categories: tuple[int, ...] = ()
+) -> nn.Module:
+    """The model named by ``cfg.name``, sized for the data: ``features`` per row, of which the
+    last ``len(categories)`` are codes of categorical columns with that many codes each
+    (wrapped in ``Tabular``: the model itself gets the numeric features and the embeddings).
 
     A custom class gets ``cfg.kwargs``, plus ``features`` and ``classes`` when its constructor
     takes parameters of those names.
     """
+    if categories:
+        widths = [embedding_width(n, cfg.embedding_dim) for n in categories]
+        numeric = features - len(categories)
+        inner = build_model(cfg, numeric + sum(widths), classes)
+        return Tabular(inner, numeric, categories, widths)
     if cfg.name == "simple":
         return SimpleModel(features, classes)
     if cfg.name == "mlp":

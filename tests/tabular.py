@@ -51,3 +51,103 @@ def sklearn_accuracy(table: pa.Table, val_fraction: float = 0.2) -> tuple[float,
     scaler = StandardScaler().fit(x[~held])
     model = LogisticRegression(max_iter=1000).fit(scaler.transform(x[~held]), y[~held])
     return float(model.score(scaler.transform(x[held]), y[held])), int(held.sum())
+
+
+# Mixed data as it arrives: numeric columns with missing values, string columns, a string class
+# label, a numeric target and a rare binary label (made here; no one cleaned it).
+MIXED_NUMERIC = ["bill_length", "flipper", "body_mass", "age"]
+MIXED_CATEGORICAL = ["island", "sex", "city"]
+MIXED_LABELS = ["species", "target", "churned"]
+
+
+def make_mixed_table(rows: int = 4000, seed: int = 0) -> pa.Table:
+    """``rows`` rows: four numeric columns (10% missing each; body_mass an integer column with
+    nulls), island (3 values), sex (2 values and nulls), city (50 values, a long tail: the
+    rarest are seen in few rows or only in validation), a species label of three names from a
+    rule over all of them, a numeric target, and ``churned``, a boolean true in about 10%."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((rows, 4))
+    island = rng.choice(["Biscoe", "Dream", "Torgersen"], rows, p=[0.5, 0.35, 0.15])
+    sex = rng.choice(["female", "male"], rows).astype(object)
+    sex[rng.random(rows) < 0.05] = None
+    weights = 1.0 / np.arange(1, 51) ** 1.2
+    city_index = rng.choice(50, rows, p=weights / weights.sum())
+    city = np.array([f"city-{i:02d}" for i in range(50)])[city_index]
+    effect = {"Biscoe": 1.0, "Dream": -1.0, "Torgersen": 0.0}
+    island_effect = np.array([effect[i] for i in island])
+    city_effect = np.sin(city_index)  # something a one-hot or an embedding can learn
+    score = z @ np.array([1.5, -1.0, 0.8, 0.3]) + island_effect + 0.8 * city_effect
+    species = np.where(
+        score + 0.5 * rng.standard_normal(rows) > 0.8,
+        "Gentoo",
+        np.where(score + 0.5 * rng.standard_normal(rows) < -0.8, "Adelie", "Chinstrap"),
+    )
+    target = 3.0 * score + 10.0 + rng.standard_normal(rows)
+    churned = score + 1.0 * rng.standard_normal(rows) > 3.2
+    numeric = {
+        "bill_length": 44 + 5 * z[:, 0],
+        "flipper": 200 + 14 * z[:, 1],
+        "body_mass": np.round(4200 + 800 * z[:, 2]),
+        "age": 5 + 2 * z[:, 3],
+    }
+    columns: dict[str, pa.Array] = {}
+    for name, values in numeric.items():
+        missing = rng.random(rows) < 0.10
+        kind = pa.int64() if name == "body_mass" else pa.float64()
+        columns[name] = pa.array(values.astype(kind.to_pandas_dtype()), kind, mask=missing)
+    columns["island"] = pa.array(island)
+    columns["sex"] = pa.array(sex, pa.string())
+    columns["city"] = pa.array(city)
+    columns["species"] = pa.array(species)
+    columns["target"] = pa.array(target)
+    columns["churned"] = pa.array(churned)
+    return pa.table(columns)
+
+
+def write_mixed(directory: Path, label: str, rows: int = 4000, seed: int = 0) -> Path:
+    """The mixed table with one of its labels (the others dropped) as Parquet in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    table = make_mixed_table(rows, seed)
+    keep = [c for c in table.column_names if c not in MIXED_LABELS or c == label]
+    pq.write_table(table.select(keep), directory / "data.parquet", row_group_size=1000)
+    return directory
+
+
+def sklearn_pipeline(table: pa.Table, label: str, val_fraction: float = 0.2) -> dict:
+    """scikit-learn's usual pipeline on the mixed table (numeric: mean imputation with
+    indicators, then standard scaling; categorical: a constant for missing, then one-hot,
+    unknown values ignored; LogisticRegression), trained and scored on raytrain's split."""
+    from sklearn.compose import make_column_transformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from raytrain.data.columns import features_of, split_keys
+    from raytrain.data.files import in_validation
+
+    keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
+    held = in_validation(keys, val_fraction)
+    frame = table.to_pandas()
+    x, y = frame[MIXED_NUMERIC + MIXED_CATEGORICAL], frame[label]
+    numeric = make_pipeline(SimpleImputer(add_indicator=True), StandardScaler())
+    categorical = make_pipeline(
+        SimpleImputer(strategy="constant", fill_value="missing"),
+        OneHotEncoder(handle_unknown="ignore"),
+    )
+    model = make_pipeline(
+        make_column_transformer((numeric, MIXED_NUMERIC), (categorical, MIXED_CATEGORICAL)),
+        LogisticRegression(max_iter=2000),
+    ).fit(x[~held], y[~held])
+    p = model.predict_proba(x[held])
+    score = (
+        roc_auc_score(y[held], p[:, 1])
+        if p.shape[1] == 2
+        else roc_auc_score(y[held], p, multi_class="ovr")
+    )
+    return {
+        "accuracy": float(model.score(x[held], y[held])),
+        "auc": float(score),
+        "rows": int(held.sum()),
+    }

@@ -127,8 +127,8 @@ def _fixed(x):
 
 def missing_column(d):
     x, y = _good()
-    _write(d / "a.parquet", _fixed(x), pa.array(y), names=("features", "y"))
-    return ["a.parquet", "'x'", "features"]
+    _write(d / "a.parquet", _fixed(x), pa.array(y), names=("x", "label"))
+    return ["a.parquet", "'y'", "label"]
 
 
 def wrong_label_dtype(d):
@@ -139,8 +139,8 @@ def wrong_label_dtype(d):
 
 def wrong_feature_dtype(d):
     _, y = _good()
-    _write(d / "a.parquet", pa.array(["a"] * len(y)), pa.array(y))
-    return ["a.parquet", "'x'", "string"]
+    _write(d / "a.parquet", pa.array([b"a"] * len(y)), pa.array(y))
+    return ["a.parquet", "'x'", "binary"]
 
 
 def ragged_features(d):
@@ -155,14 +155,14 @@ def nan_features(d):
     _write(d / "ok.parquet", _fixed(x), pa.array(y))
     x[5, 2] = np.nan
     _write(d / "c.parquet", _fixed(x), pa.array(y))
-    return ["c.parquet", "1 row(s)", "NaN or infinite", "'x'"]
+    return ["c.parquet", "row group 0, column 'x[2]'", "1 row(s)", "missing", "data.missing"]
 
 
 def infinite_features(d):
     x, y = _good()
     x[[1, 2], 0] = np.inf
     _write(d / "c.parquet", _fixed(x), pa.array(y))
-    return ["c.parquet", "2 row(s)", "NaN or infinite"]
+    return ["c.parquet", "2 row(s)", "infinite"]
 
 
 def negative_labels(d):
@@ -215,7 +215,7 @@ def test_bad_data_is_refused_before_training(ray_session, tmp_path, make):
     where = tmp_path / "data"
     needles = make(where)
     with pytest.raises(DataError) as caught:
-        build_datasets(DataConfig(path=str(where)), workers=2)
+        build_datasets(DataConfig(path=str(where), missing="error"), workers=2)
     message = str(caught.value)
     assert "\n" not in message
     for needle in needles:
@@ -228,7 +228,7 @@ def test_the_check_ahead_of_ray_refuses_the_same(tmp_path, make):
     the same one-line errors as the Ray tasks' scan above."""
     where = tmp_path / "data"
     needles = make(where)
-    ahead = checks.ScanAhead(DataConfig(path=str(where)), threads=2)
+    ahead = checks.ScanAhead(DataConfig(path=str(where), missing="error"), threads=2)
     with pytest.raises(DataError) as caught:
         ahead.result()
     message = str(caught.value)
@@ -260,7 +260,7 @@ def test_validation_labels_outside_the_training_classes(ray_session, tmp_path):
 
 
 def test_bad_data_from_the_command_line_is_one_line_and_exit_2(tmp_path):
-    nan_features(tmp_path / "data")
+    infinite_features(tmp_path / "data")
     proc = run_module(
         "raytrain.main",
         "--set",

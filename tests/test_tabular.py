@@ -4,6 +4,7 @@ statistics by default, and trained as well as scikit-learn's logistic regression
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -11,13 +12,18 @@ from raytrain.config import DataConfig
 from raytrain.data.datasets import build_datasets
 from raytrain.data.files import in_validation
 
-from .conftest import one_error_line, run_module
+from .conftest import ROOT, one_error_line, run_module
 from .tabular import (
     FEATURES,
     LABEL,
+    MIXED_CATEGORICAL,
+    MIXED_NUMERIC,
     features_and_labels,
+    make_mixed_table,
     make_table,
     sklearn_accuracy,
+    sklearn_pipeline,
+    write_mixed,
     write_parquet,
 )
 
@@ -93,7 +99,8 @@ def test_csv_trains_exactly_as_the_same_rows_in_parquet(train, parquet_run, tmp_
 
 @pytest.mark.slow
 def test_a_csv_value_that_is_not_a_number_names_file_line_and_column(tmp_path):
-    lines = ["f0,f1,label", "1.5,2,0", "0.5,3,1", "2.5,x,0", "1.0,1,1"]
+    # Past the first block of rows, from which a CSV column's type (numeric) is inferred.
+    lines = ["f0,f1,label", *["1.5,2,0", "0.5,3,1"] * 80_000, "2.5,x,0", "1.0,1,1"]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "bad.csv").write_text("\n".join(lines) + "\n")
     proc = run_module(
@@ -108,6 +115,143 @@ def test_a_csv_value_that_is_not_a_number_names_file_line_and_column(tmp_path):
         str(tmp_path / "runs"),
     )
     assert one_error_line(proc) == (
-        f"raytrain: error: {tmp_path / 'data' / 'bad.csv'}, line 4, column 'f1': 'x' is not a "
-        "number"
+        f"raytrain: error: {tmp_path / 'data' / 'bad.csv'}, line 160002, column 'f1': 'x' is "
+        "not a number"
     )
+
+
+# ---- data as it arrives: categories, missing values, names of classes ---------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_species(tmp_path_factory):
+    return write_mixed(tmp_path_factory.mktemp("mixed") / "species", "species")
+
+
+def _training_frame(table):
+    """The rows raytrain trains on (its hashed split's training side), as pandas."""
+    from raytrain.data.columns import features_of, split_keys
+
+    keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
+    return table.to_pandas()[~in_validation(keys, 0.2)]
+
+
+@pytest.mark.parametrize("ingest", ["memory", "stream"])
+def test_vocabularies_and_imputation_are_pandas_over_the_training_rows(
+    ray_session, mixed_species, ingest
+):
+    cfg = DataConfig(path=str(mixed_species), label_column="species", ingest=ingest)
+    datasets = build_datasets(cfg, workers=2)
+    encoding = datasets.encoding
+    frame = _training_frame(make_mixed_table())
+    assert encoding.numeric == tuple(MIXED_NUMERIC)
+    assert encoding.categorical == tuple(MIXED_CATEGORICAL)
+    assert encoding.class_names == ("Adelie", "Chinstrap", "Gentoo")
+    for name, vocabulary in zip(MIXED_CATEGORICAL, encoding.vocabularies, strict=True):
+        counts = frame[name].value_counts()  # nulls aside, most frequent first
+        expected = sorted(counts.index, key=lambda v: (-counts[v], v))
+        assert list(vocabulary) == expected, name
+    means = frame[MIXED_NUMERIC].astype("float64").mean().to_numpy()  # NaN skipped
+    assert np.allclose(encoding.fill, means, rtol=1e-6)
+    assert encoding.indicators == (0, 1, 2, 3)  # every numeric column had missing values
+    # The scaling: each numeric feature by its present values (pandas' std, ddof 0).
+    stds = frame[MIXED_NUMERIC].astype("float64").std(ddof=0).to_numpy()
+    assert np.allclose(datasets.scaling.std[:4], stds, rtol=1e-6)
+    share = frame[MIXED_NUMERIC].isna().mean().to_numpy()
+    assert np.allclose(datasets.scaling.mean[4:8], share, rtol=1e-9)
+    # What the workers read: every training row, encoded with those vocabularies.
+    pieces = datasets.train_pieces
+    x = np.concatenate([x for x, _ in pieces.read(pieces.pieces)])
+    assert x.shape == (len(frame), 4 + 4 + 3)
+    for i, (name, vocabulary) in enumerate(
+        zip(MIXED_CATEGORICAL, encoding.vocabularies, strict=True)
+    ):
+        codes = {v: k + 2 for k, v in enumerate(vocabulary)}
+        want = [0 if v is None or v != v else codes.get(v, 1) for v in frame[name]]
+        assert x[:, 8 + i].tolist() == want, name
+    filled = (
+        frame[MIXED_NUMERIC].astype("float64").fillna(dict(zip(MIXED_NUMERIC, means, strict=True)))
+    )
+    assert np.allclose(x[:, :4], filled.to_numpy(), rtol=1e-6)
+
+
+def test_unseen_and_null_categories_take_their_own_codes():
+    from raytrain.data.columns import Encoding
+
+    encoding = Encoding(
+        numeric=("a",),
+        width=1,
+        fill=(2.5,),
+        indicators=(0,),
+        categorical=("c",),
+        vocabularies=(("x", "y"),),
+    )
+    table = pa.table({"a": pa.array([1.0, None, 3.0]), "c": pa.array(["y", None, "never seen"])})
+    assert encoding.encode(table).tolist() == [[1.0, 0.0, 3.0], [2.5, 1.0, 0.0], [3.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("label", ["species", "churned"])
+def test_the_tabular_config_trains_as_well_as_scikit_learn(train, tmp_path_factory, label):
+    path = write_mixed(tmp_path_factory.mktemp("mixed") / label, label)
+    trained = train(
+        f"data.path={path}",
+        f"data.label_column={label}",
+        "scaling.workers=2",
+        config_file=ROOT / "configs" / "tabular.yaml",
+    )
+    ours = trained.results["validation"]
+    theirs = sklearn_pipeline(make_mixed_table(), label)
+    print(
+        f"{label}: raytrain {ours['accuracy']:.3f} / AUC {ours['auc']:.3f}, scikit-learn {theirs}"
+    )
+    assert ours["rows"] == theirs["rows"]
+    assert ours["accuracy"] >= theirs["accuracy"] - 0.02
+    assert ours["auc"] >= theirs["auc"] - 0.02
+    assert trained.state["encoding"]["categorical"] == MIXED_CATEGORICAL
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_distributed_metrics_equal_scikit_learns(classes):
+    """Two workers' sums added up, as the all-reduce adds them, give scikit-learn's numbers."""
+    from sklearn.metrics import f1_score, log_loss, roc_auc_score
+
+    from raytrain.evaluate import auc, f1_macro, score_counts, tally_logits
+
+    gen = torch.Generator().manual_seed(classes)
+    logits = 2 * torch.randn(3000, classes, generator=gen)
+    y = torch.randint(0, classes, (3000,), generator=gen)
+    logits[:, 0] += 1.5 * (y == 0)  # a model that has learned something
+    loss, confusion, scores = 0.0, 0, 0
+    for part in (slice(0, 1700), slice(1700, None)):
+        part_loss, part_confusion = tally_logits(logits[part], y[part], classes)
+        loss += part_loss.item()
+        confusion = confusion + part_confusion
+        scores = scores + score_counts(logits[part], y[part], classes)
+    probabilities = torch.softmax(logits.double(), dim=1).numpy()
+    predicted = logits.argmax(dim=1).numpy()
+    want_auc = (
+        roc_auc_score(y.numpy(), probabilities[:, 1])
+        if classes == 2
+        else roc_auc_score(y.numpy(), probabilities, multi_class="ovr")
+    )
+    assert abs(auc(scores) - want_auc) < 1e-3
+    assert f1_macro(confusion) == pytest.approx(f1_score(y.numpy(), predicted, average="macro"))
+    assert loss / 3000 == pytest.approx(log_loss(y.numpy(), probabilities), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            ["data.categorical_columns=[nowhere]"],
+            "no column 'nowhere'",
+        ),
+        (["data.max_categories=0"], "data.max_categories"),
+    ],
+)
+def test_bad_tabular_settings_are_one_line(mixed_species, tmp_path, flags, expected):
+    args = ["--set", f"data.path={mixed_species}", "--set", "data.label_column=species"]
+    for flag in flags:
+        args += ["--set", flag]
+    proc = run_module("raytrain.main", *args, "--storage-path", str(tmp_path / "runs"))
+    assert expected in one_error_line(proc)

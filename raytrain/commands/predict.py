@@ -92,6 +92,10 @@ def prepare(args: argparse.Namespace):
         raise UserError(str(e)) from None
     trained = load(args.target, args.storage_path)
     columns = ", ".join(trained.feature_columns)
+    encoding = trained.encoding
+    plan = None
+    if encoding is not None:  # the columns as trained, whatever types this data has
+        plan = (encoding.numeric, encoding.categorical, encoding.class_names is not None)
     source = files.find(
         args.data,
         trained.feature_columns,
@@ -99,10 +103,12 @@ def prepare(args: argparse.Namespace):
         also=keep,
         hint=f"the model reads feature column(s) {columns}; --keep and --label name columns "
         "of the data",
+        plan=plan,
     )
     if source.format != "parquet":
         raise UserError(f"--data {args.data!r} holds CSV files; raytrain predict reads Parquet")
-    if source.width is not None and source.width != trained.features:
+    width = encoding.width if encoding is not None else trained.features
+    if source.width is not None and source.width != width:
         raise UserError(
             f"--data {args.data!r} has {source.width} features per row in {columns}, but the "
             f"model was trained on {trained.features}"

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +29,8 @@ import pyarrow.parquet as pq
 
 from raytrain.config import DataConfig
 from raytrain.data import csvfiles, files
-from raytrain.data.files import DataError, Source, features_of, in_validation, read_mapped
+from raytrain.data.columns import Encoding, Tally, features_of, nan_moments, split_keys, tally_block
+from raytrain.data.files import DataError, Source, in_validation, read_mapped
 from raytrain.data.pieces import Piece
 from raytrain.data.scaling import split_moments
 
@@ -45,38 +48,72 @@ class FileStats:
     label_max: int | None = None
     width_min: int | None = None
     width_max: int | None = None
+    missing: int = 0  # rows with a missing numeric feature
+    missing_where: str | None = None  # the first row group (or batch) with one, and its column
+    null_labels: int = 0
 
 
-def scan_batch(
-    batch: pa.Table, feature_columns: Sequence[str], label_column: str, val_fraction: float
-) -> pa.Table:
-    """Per-file statistics of one batch (a Ray Data map_batches function)."""
-    keys = ("path", "rows", "val_rows", "nonfinite", "label_min", "label_max")
-    out: dict[str, list] = {k: [] for k in (*keys, "width_min", "width_max")}
-    paths = batch.column(_PATH).to_numpy(zero_copy_only=False)
-    for path in np.unique(paths):
-        part = batch.filter(pa.array(paths == path))
-        labels = part.column(label_column).to_numpy(zero_copy_only=False)
-        x = features_of(part, feature_columns)
-        if x is None:  # ragged lists
-            column = part.column(feature_columns[0]).combine_chunks()
-            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-            widths, nonfinite, val_rows = (int(lengths.min()), int(lengths.max())), 0, 0
+def scan_block(
+    table: pa.Table, source: Source, val_fraction: float, where: str = ""
+) -> dict[str, Any]:
+    """What one block of rows says (a Parquet row group, a CSV batch): its rows and held-out
+    rows (and which), its labels' range, its feature widths, its rows with infinite or missing
+    values, the training rows' feature moments (missing values aside) and counts
+    (raytrain.data.columns.Tally). ``where`` names the block in an error."""
+    rows = table.num_rows
+    found: dict[str, Any] = {"rows": rows, "val_rows": 0, "nonfinite": 0, "missing": 0}
+    label = source.label_column
+    if label is not None:
+        column = table.column(label)
+        found["null_labels"] = column.null_count
+        if source.label_names or not len(column) or column.null_count == len(column):
+            found["label_min"] = found["label_max"] = 0
         else:
-            widths = (x.shape[1], x.shape[1])
-            nonfinite = int((~np.isfinite(x)).any(axis=1).sum())
-            val_rows = int(in_validation(x, val_fraction).sum()) if val_fraction else 0
-        for key, value in (
-            ("path", str(path)),
-            ("rows", len(labels)),
-            ("val_rows", val_rows),
-            ("nonfinite", nonfinite),
-            ("label_min", int(labels.min()) if len(labels) else 0),
-            ("label_max", int(labels.max()) if len(labels) else 0),
-            ("width_min", widths[0]),
-            ("width_max", widths[1]),
-        ):
-            out[key].append(value)
+            found["label_min"] = pc.min(column).as_py()
+            found["label_max"] = pc.max(column).as_py()
+    x = features_of(table, source.feature_columns)
+    if x is None:  # ragged lists: the widths say so, nothing else is needed
+        column = table.column(source.feature_columns[0]).combine_chunks()
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        found.update(width_min=int(lengths.min()), width_max=int(lengths.max()))
+        return found
+    found.update(width_min=x.shape[1], width_max=x.shape[1])
+    held_out = None
+    if val_fraction:
+        held_out = in_validation(split_keys(table, x, source.categorical), val_fraction)
+        found["val_rows"] = int(held_out.sum())
+        found["held_out"] = np.packbits(held_out).tobytes()
+    found["moments"] = split_moments(x, held_out)  # None: a value is not finite
+    if found["moments"] is None:
+        infinite = np.isinf(x)
+        found["nonfinite"] = int(infinite.any(axis=1).sum())
+        missing = np.isnan(x)
+        found["missing"] = int(missing.any(axis=1).sum())
+        if found["missing"]:
+            column = _feature_name(source, int(np.argmax(missing.any(axis=0))))
+            found["missing_where"] = f"{where}column {column!r}"
+        found["moments"] = None if found["nonfinite"] else nan_moments(x, held_out)
+    found["tally"] = tally_block(
+        table, x, held_out, source.categorical, label, source.label_names, found["missing"] > 0
+    )
+    return found
+
+
+def _feature_name(source: Source, index: int) -> str:
+    columns = source.feature_columns
+    return columns[index] if len(columns) > 1 else f"{columns[0]}[{index}]"
+
+
+def scan_batch(batch: pa.Table, source: Source, val_fraction: float) -> pa.Table:
+    """``scan_block`` of one batch, per file (a Ray Data map_batches function): a row per file
+    with the file's path and what was found, pickled."""
+    paths = batch.column(_PATH).to_numpy(zero_copy_only=False)
+    out: dict[str, list] = {"path": [], "found": []}
+    for path in np.unique(paths):
+        part = batch.filter(pa.array(paths == path)).drop_columns([_PATH])
+        found = scan_block(part, source, val_fraction, "a batch of rows, ")
+        out["path"].append(str(path))
+        out["found"].append(pickle.dumps(found))
     return pa.table(out)
 
 
@@ -85,60 +122,44 @@ _TASK_ROWS = 1_000_000  # rows per scan task (whole row groups)
 
 @dataclass(frozen=True)
 class ParquetScan:
-    """What the scan of Parquet files found: per-file statistics, every row group with its
-    held-out rows, and the (count, mean, m2) of the training rows' features per row group."""
+    """What the scan of Parquet (or CSV) files found: per-file statistics, every row group with
+    its held-out rows (Parquet), the (count, mean, m2) of the training rows' features per row
+    group, and the training rows' counts (missing values, categories, labels)."""
 
     files: dict[str, FileStats]
     pieces: tuple[Piece, ...]
     moments: list[dict]
+    tally: Tally = field(default_factory=Tally)
 
 
 def scan_row_groups(
-    filesystem,
-    file: str,
-    row_groups: Sequence[int],
-    feature_columns: Sequence[str],
-    label_column: str,
-    val_fraction: float,
+    filesystem, file: str, row_groups: Sequence[int], source: Source, val_fraction: float
 ) -> list[dict]:
-    """Statistics of some row groups of one file (a Ray task): one dict per row group."""
+    """``scan_block`` of some row groups of one file (a Ray task): one dict per row group."""
     out = []
     with pq.ParquetFile(file, filesystem=filesystem) as parquet:
         for index in row_groups:
-            table = parquet.read_row_group(index, columns=[*feature_columns, label_column])
-            labels = table.column(label_column).to_numpy(zero_copy_only=False)
-            x = features_of(table, feature_columns)
-            found = {"row_group": index, "rows": len(labels), "val_rows": 0, "nonfinite": 0}
-            found["label_min"] = int(labels.min()) if len(labels) else 0
-            found["label_max"] = int(labels.max()) if len(labels) else 0
-            if x is None:  # ragged lists: the widths say so, nothing else is needed
-                column = table.column(feature_columns[0]).combine_chunks()
-                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-                found.update(width_min=int(lengths.min()), width_max=int(lengths.max()))
-                out.append(found)
-                continue
-            found.update(width_min=x.shape[1], width_max=x.shape[1])
-            held_out = None
-            if val_fraction:
-                held_out = in_validation(x, val_fraction)
-                found["val_rows"] = int(held_out.sum())
-                found["held_out"] = np.packbits(held_out).tobytes()
-            found["moments"] = split_moments(x, held_out)  # None: a value is not finite
-            if found["moments"] is None:
-                found["nonfinite"] = int((~np.isfinite(x)).any(axis=1).sum())
+            table = parquet.read_row_group(index, columns=source.columns)
+            found = scan_block(table, source, val_fraction, f"row group {index}, ")
+            found["row_group"] = index
             out.append(found)
     return out
 
 
 def scan_parquet(
-    source: Source, val_fraction: float, threads: int = 0, stop: threading.Event | None = None
+    source: Source,
+    val_fraction: float,
+    threads: int = 0,
+    stop: threading.Event | None = None,
+    missing_ok: bool = True,
 ) -> ParquetScan:
     """One parallel pass over every row group: statistics, and DataError for bad rows.
 
     ``threads`` > 0: in this process, on that many threads (an embedded Ray's driver is on the
     machine with the data, and starting Ray worker processes for the tasks would cost more than
     the scan); 0: as Ray tasks, wherever the cluster has CPUs. ``stop`` set: the threads read
-    no further row group and CancelledError is raised.
+    no further row group and CancelledError is raised. ``missing_ok``: missing feature values
+    are imputed later (``data.missing: impute``), not refused.
     """
     jobs: list[tuple[str, list[int]]] = []
     by_file: dict[str, list[tuple[int, int]]] = {}
@@ -153,7 +174,7 @@ def scan_parquet(
             if held >= _TASK_ROWS or i == len(groups) - 1:
                 jobs.append((file, chunk))
                 chunk, held = [], 0
-    read = (source.feature_columns, source.label_column, val_fraction)
+    read = (source, val_fraction)
     if threads:
         stop = stop or threading.Event()
 
@@ -170,16 +191,14 @@ def scan_parquet(
         task = ray.remote(num_cpus=1, max_retries=1)(scan_row_groups)
         results = ray.get([task.remote(source.filesystem, *job, *read) for job in jobs])
     stats = {file: FileStats() for file in source.files}
-    pieces, moments = [], []
+    pieces, moments, tally = [], [], Tally()
     for (file, _), found in zip(jobs, results, strict=True):
         for part in found:
-            _add(stats[file], part)
+            _add(stats[file], part, moments, tally)
             held_out = part.get("held_out")
             pieces.append(Piece(file, part["row_group"], part["rows"], part["val_rows"], held_out))
-            if part.get("moments") is not None and part["moments"]["n"]:
-                moments.append(part["moments"])
-    _raise_for_bad_rows(source, stats)
-    return ParquetScan(stats, tuple(pieces), moments)
+    _raise_for_bad_rows(source, stats, missing_ok)
+    return ParquetScan(stats, tuple(pieces), moments, tally)
 
 
 @dataclass(frozen=True)
@@ -198,12 +217,15 @@ def scan_files(cfg: DataConfig, threads: int, stop: threading.Event | None = Non
     """Find the files of ``cfg.path`` (and ``cfg.val_path``) and scan them if they are Parquet
     (``scan_parquet``: on ``threads`` threads, or as Ray tasks if 0)."""
     started = time.perf_counter()
-    train = files.find(cfg.path, cfg.feature_columns, cfg.label_column)
-    val = files.find(cfg.val_path, cfg.feature_columns, cfg.label_column) if cfg.val_path else None
+    columns = (cfg.feature_columns, cfg.label_column, cfg.categorical_columns)
+    train = files.find(cfg.path, *columns)
+    plan = (train.feature_columns, train.categorical, train.label_names)
+    val = files.find(cfg.val_path, *columns, plan=plan) if cfg.val_path else None
     if train.format != "parquet" or (val is not None and val.format != "parquet"):
         return Found(train, val, None, None, time.perf_counter() - started)
-    train_scan = scan_parquet(train, 0.0 if val else cfg.val_fraction, threads, stop)
-    val_scan = scan_parquet(val, 0.0, threads, stop) if val else None
+    missing_ok = cfg.missing == "impute"
+    train_scan = scan_parquet(train, 0.0 if val else cfg.val_fraction, threads, stop, missing_ok)
+    val_scan = scan_parquet(val, 0.0, threads, stop, missing_ok) if val else None
     return Found(train, val, train_scan, val_scan, time.perf_counter() - started)
 
 
@@ -258,20 +280,30 @@ class Scanned:
         return self.found
 
 
-def _add(s: FileStats, row: dict) -> None:
+def _add(s: FileStats, row: dict, moments: list[dict], tally: Tally) -> None:
+    """Fold what the scan found in one block into its file's statistics, the moments and the
+    counts."""
     s.rows += row["rows"]
     s.val_rows += row["val_rows"]
     s.nonfinite += row["nonfinite"]
+    s.missing += row["missing"]
+    s.null_labels += row.get("null_labels", 0)
+    if row["missing"] and s.missing_where is None:
+        s.missing_where = row["missing_where"]
     if row["rows"]:
-        s.label_min = _fold(min, s.label_min, row["label_min"])
-        s.label_max = _fold(max, s.label_max, row["label_max"])
+        s.label_min = _fold(min, s.label_min, row.get("label_min", 0))
+        s.label_max = _fold(max, s.label_max, row.get("label_max", 0))
         s.width_min = _fold(min, s.width_min, row["width_min"])
         s.width_max = _fold(max, s.width_max, row["width_max"])
+    if row.get("moments") is not None and np.any(row["moments"]["n"]):
+        moments.append(row["moments"])
+    if row.get("tally") is not None:
+        tally.add(row["tally"])
 
 
-def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
-    """One streaming pass over every row of CSV files (Ray Data): per-file statistics, and
-    DataError for bad rows."""
+def scan(source: Source, val_fraction: float, missing_ok: bool = True) -> ParquetScan:
+    """One streaming pass over every row of CSV files (Ray Data): what ``scan_parquet`` finds
+    (without row groups), and DataError for bad rows."""
     scanned = read_mapped(source, scan_batch, include_paths=True, val_fraction=val_fraction)
     try:
         with _quiet(source.format == "csv"):
@@ -280,17 +312,18 @@ def scan(source: Source, val_fraction: float) -> dict[str, FileStats]:
         if source.format != "csv":
             raise
         for file in source.files:
-            bad = csvfiles.find_bad_value(
-                source.filesystem, file, source.feature_columns, source.label_column
-            )
+            bad = csvfiles.find_bad_value(source.filesystem, file, source)
             if bad is not None:
                 raise DataError(bad) from None
         raise
     stats = {file: FileStats() for file in source.files}
+    moments: list[dict] = []
+    tally = Tally()
     for row in rows:
-        _add(stats.setdefault(_match(row["path"], stats), FileStats()), row)
-    _raise_for_bad_rows(source, stats)
-    return stats
+        found = pickle.loads(row["found"])
+        _add(stats.setdefault(_match(row["path"], stats), FileStats()), found, moments, tally)
+    _raise_for_bad_rows(source, stats, missing_ok)
+    return ParquetScan(stats, (), moments, tally)
 
 
 @contextmanager
@@ -318,7 +351,7 @@ def _fold(op, current, value):
     return value if current is None else op(current, value)
 
 
-def _raise_for_bad_rows(source: Source, stats: dict[str, FileStats]) -> None:
+def _raise_for_bad_rows(source: Source, stats: dict[str, FileStats], missing_ok: bool) -> None:
     features = ", ".join(source.feature_columns)
     widths = set()
     for file, s in stats.items():
@@ -331,8 +364,18 @@ def _raise_for_bad_rows(source: Source, stats: dict[str, FileStats]) -> None:
             )
         if s.nonfinite:
             raise DataError(
-                f"{file}: {s.nonfinite} row(s) have NaN or infinite values in feature column(s) "
+                f"{file}: {s.nonfinite} row(s) have infinite values in feature column(s) "
                 f"{features!r}; clean or drop them"
+            )
+        if s.missing and not missing_ok:
+            raise DataError(
+                f"{file}, {s.missing_where}: {s.missing} row(s) have a missing (null or NaN) "
+                "value; fill them, or set data.missing=impute"
+            )
+        if s.null_labels:
+            raise DataError(
+                f"{file}: {s.null_labels} row(s) have no label in column "
+                f"{source.label_column!r}; drop them"
             )
         if s.label_min < 0:
             raise DataError(
@@ -346,16 +389,26 @@ def _raise_for_bad_rows(source: Source, stats: dict[str, FileStats]) -> None:
         raise DataError(f"files have different numbers of features per row: {sorted(widths)}")
 
 
-def check_validation(stats: dict[str, FileStats], width: int, classes: int) -> int:
-    """Check separate validation files against the training data; returns their row count."""
+def check_validation(scanned: ParquetScan, encoding: Encoding, classes: int) -> int:
+    """Check separate validation files against the training data's encoding; returns their
+    row count. (Categories they hold and training did not go to the "unknown" code.)"""
+    stats = scanned.files
     for file, s in stats.items():
-        if s.rows and s.width_min != width:
+        if s.rows and s.width_min != encoding.width:
             raise DataError(
-                f"{file}: {s.width_min} features per row, but the training data has {width}"
+                f"{file}: {s.width_min} numeric features per row, but the training data has "
+                f"{encoding.width}"
             )
-        if s.rows and s.label_max >= classes:
+        if encoding.class_names is None and s.rows and s.label_max >= classes:
             raise DataError(
                 f"{file}: label {s.label_max} is outside the training data's classes "
                 f"0..{classes - 1}"
+            )
+    if encoding.class_names is not None:
+        unknown = sorted(scanned.tally.names - set(encoding.class_names))
+        if unknown:
+            raise DataError(
+                f"validation label {unknown[0]!r} is not one of the training data's classes "
+                f"({', '.join(encoding.class_names)})"
             )
     return sum(s.rows for s in stats.values())

@@ -17,13 +17,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import ray.data
 
 from raytrain.config import DataConfig
 from raytrain.data import checks, files
+from raytrain.data.columns import Encoding, Tally, build_encoding
 from raytrain.data.pieces import PieceSet
-from raytrain.data.scaling import Scaling, combine, fit_scaling
+from raytrain.data.scaling import Scaling, combine, combine_present, encoded_scaling, fit_scaling
 from raytrain.data.synthetic import make_synthetic
 from raytrain.data.tables import xy_table
 
@@ -49,6 +51,9 @@ class Datasets:
     train_pieces: PieceSet | None = None
     val_pieces: PieceSet | None = None
     check_s: float | None = None  # the up-front check of Parquet files (maybe beside Ray's start)
+    # Files: how raw rows become x and y (raytrain.data.columns); None for synthetic rows.
+    encoding: Encoding | None = None
+    label_counts: tuple[int, ...] = ()  # training rows per class
 
 
 def build_datasets(
@@ -79,7 +84,8 @@ def build_datasets(
         val_blocks = tuple(datasets.val.to_arrow_refs())
         datasets = dataclasses.replace(datasets, blocks=blocks, val_blocks=val_blocks)
         train = ray.data.from_arrow_refs(list(blocks))  # one pass over what is already read
-    if cfg.normalize == "standard" or (cfg.normalize == "auto" and cfg.path is not None):
+    plain = datasets.encoding is None or datasets.encoding.plain
+    if plain and (cfg.normalize == "standard" or (cfg.normalize == "auto" and cfg.path)):
         datasets = dataclasses.replace(datasets, scaling=fit_scaling(train))
     return datasets
 
@@ -95,6 +101,7 @@ def _synthetic_datasets(cfg: DataConfig) -> Datasets:
         val_rows=len(split.val_y),
         ingest="memory",
         source=f"synthetic ({cfg.labels} labels), {cfg.samples} rows",
+        label_counts=tuple(np.bincount(split.train_y.numpy(), minlength=cfg.classes).tolist()),
     )
 
 
@@ -108,23 +115,26 @@ def _file_datasets(
     if found.train_scan is not None:
         return _parquet_datasets(cfg, found, workers, copies_per_node)
     hashed = 0.0 if cfg.val_path else cfg.val_fraction
-    train_stats = checks.scan(train_source, hashed)
+    missing_ok = cfg.missing == "impute"
+    scanned = checks.scan(train_source, hashed, missing_ok)
+    train_stats = scanned.files
     rows = sum(s.rows for s in train_stats.values())
     held_out = sum(s.val_rows for s in train_stats.values())  # 0 with a separate val_path
-    width, classes = _shape(train_stats)
+    encoding, scaling = _encoding(cfg, train_source, scanned, rows - held_out)
+    width, classes = encoding.features, _classes(train_stats, encoding)
     if val_source is not None:
-        val_stats = (
-            checks.scan_parquet(val_source, 0.0, scan_threads).files
+        val_scan = (
+            checks.scan_parquet(val_source, 0.0, scan_threads, missing_ok=missing_ok)
             if val_source.format == "parquet"
-            else checks.scan(val_source, 0.0)
+            else checks.scan(val_source, 0.0, missing_ok)
         )
-        val_rows = checks.check_validation(val_stats, width, classes)
-        train = files.read_xy(train_source)
-        val = files.read_xy(val_source)
+        val_rows = checks.check_validation(val_scan, encoding, classes)
+        train = files.read_xy(train_source, encoding)
+        val = files.read_xy(val_source, encoding)
     else:
         val_rows = held_out
-        train = files.read_xy(train_source, hashed, keep="train")
-        val = files.read_xy(train_source, hashed, keep="val")
+        train = files.read_xy(train_source, encoding, hashed, keep="train")
+        val = files.read_xy(train_source, encoding, hashed, keep="val")
     train_rows = rows - held_out
     ingest = _ingest(cfg, train_rows, val_rows, width, workers, copies_per_node)
     return Datasets(
@@ -136,6 +146,9 @@ def _file_datasets(
         val_rows=val_rows,
         ingest=ingest,
         source=_source_line(cfg, train_source, rows, train_rows, width, ingest),
+        scaling=scaling,
+        encoding=encoding,
+        label_counts=_label_counts(scanned.tally, encoding, classes),
     )
 
 
@@ -145,19 +158,20 @@ def _parquet_datasets(
     train_source, val_source = found.train, found.val
     scanned, val_scan = found.train_scan, found.val_scan
     hashed = 0.0 if val_source is not None else cfg.val_fraction
-    width, classes = _shape(scanned.files)
+    rows = sum(s.rows for s in scanned.files.values())
+    train_rows = rows - sum(s.val_rows for s in scanned.files.values())
+    encoding, scaling = _encoding(cfg, train_source, scanned, train_rows)
+    width, classes = encoding.features, _classes(scanned.files, encoding)
     read = (train_source.filesystem, train_source.feature_columns, train_source.label_column)
     if val_source is not None:
-        checks.check_validation(val_scan.files, width, classes)
-        train = PieceSet(*read, scanned.pieces)
+        checks.check_validation(val_scan, encoding, classes)
+        train = PieceSet(*read, scanned.pieces, encoding=encoding)
         val_read = (val_source.filesystem, val_source.feature_columns, val_source.label_column)
-        val = PieceSet(*val_read, val_scan.pieces)
+        val = PieceSet(*val_read, val_scan.pieces, encoding=encoding)
     else:
-        train = PieceSet(*read, scanned.pieces, hashed, keep="train")
-        val = PieceSet(*read, scanned.pieces, hashed, keep="val")
-    rows = sum(s.rows for s in scanned.files.values())
+        train = PieceSet(*read, scanned.pieces, hashed, keep="train", encoding=encoding)
+        val = PieceSet(*read, scanned.pieces, hashed, keep="val", encoding=encoding)
     ingest = _ingest(cfg, train.total_rows, val.total_rows, width, workers, copies_per_node)
-    scaled = cfg.normalize in ("standard", "auto")
     return Datasets(
         train=None,
         val=None,
@@ -167,17 +181,47 @@ def _parquet_datasets(
         val_rows=val.total_rows,
         ingest=ingest,
         source=_source_line(cfg, train_source, rows, train.total_rows, width, ingest),
-        scaling=combine(scanned.moments) if scaled else None,
+        scaling=scaling,
         train_pieces=train,
         val_pieces=val,
         check_s=found.seconds,
+        encoding=encoding,
+        label_counts=_label_counts(scanned.tally, encoding, classes),
     )
 
 
-def _shape(stats: dict[str, checks.FileStats]) -> tuple[int, int]:
-    """Features per row and classes (the largest label + 1) of scanned files."""
-    width = next(s.width_min for s in stats.values() if s.rows)
-    return width, max(s.label_max for s in stats.values() if s.rows) + 1
+def _encoding(
+    cfg: DataConfig, source: files.Source, scanned: checks.ParquetScan, train_rows: int
+) -> tuple[Encoding, Scaling | None]:
+    """How the rows are encoded (raytrain.data.columns) and scaled, from the scan. Data with
+    only numeric features, none missing, keeps the scaling computed as before: the scan's
+    moments combined (Parquet), or a Ray Data pass over the rows (CSV, in build_datasets)."""
+    present = combine_present(scanned.moments) if scanned.moments else None
+    encoding = build_encoding(source, scanned.tally, present, cfg.max_categories)
+    if cfg.normalize == "none":
+        return encoding, None
+    if encoding.plain:
+        if source.format != "parquet":
+            return encoding, None  # fitted on the rows by build_datasets
+        return encoding, combine(scanned.moments)
+    if present is None:
+        present = {"n": np.zeros(encoding.width), "mean": np.zeros(encoding.width)}
+        present["m2"] = present["n"]
+    return encoding, encoded_scaling(present, scanned.tally.missing, train_rows, encoding)
+
+
+def _classes(stats: dict[str, checks.FileStats], encoding: Encoding) -> int:
+    """Classes: the trained names, or the largest integer label + 1."""
+    if encoding.class_names is not None:
+        return len(encoding.class_names)
+    return max(s.label_max for s in stats.values() if s.rows) + 1
+
+
+def _label_counts(tally: Tally, encoding: Encoding, classes: int) -> tuple[int, ...]:
+    """Training rows per class (for class weights), in class order."""
+    if encoding.class_names is not None:
+        return tuple(tally.labels.get(name, 0) for name in encoding.class_names)
+    return tuple(tally.labels.get(k, 0) for k in range(classes))
 
 
 def _ingest(

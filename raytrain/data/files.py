@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytrain.data import csvfiles
+from raytrain.data.columns import Encoding, features_of, is_categorical_type, split_keys
 from raytrain.data.tables import xy_table
 from raytrain.errors import UserError, one_line
 from raytrain.storage import Location, StorageError, check_bucket
@@ -39,17 +39,20 @@ class Source:
 
     filesystem: pafs.FileSystem
     files: tuple[str, ...]
-    feature_columns: tuple[str, ...]
+    feature_columns: tuple[str, ...]  # the numeric ones (or one list column)
     label_column: str | None  # None: rows to predict, without labels
     width: int | None  # features per row when the schema fixes it (else checked by the scan)
     format: str = "parquet"  # or "csv"
     # Parquet: every row group as (file, index, rows), from the footers. Workers read these
     # pieces directly (raytrain.data.pieces); CSV has none and is read by Ray Data.
     row_groups: tuple[tuple[str, int, int], ...] = ()
+    categorical: tuple[str, ...] = ()  # feature columns taken as categories
+    label_names: bool = False  # the label holds names (strings, booleans), not class indexes
 
     @property
     def columns(self) -> list[str]:
-        return [*self.feature_columns, *([self.label_column] if self.label_column else [])]
+        label = [self.label_column] if self.label_column else []
+        return [*self.feature_columns, *self.categorical, *label]
 
 
 # What a missing column's error advises, by default (training's config names the columns).
@@ -82,14 +85,20 @@ def list_files(where: Location, path: str) -> list[str]:
 
 def find(
     path: str,
-    feature_columns: Sequence[str],
+    feature_columns: Sequence[str] | None,
     label_column: str | None,
+    categorical: Sequence[str] | None = None,
     also: Sequence[str] = (),
     hint: str = _COLUMNS_HINT,
+    plan: tuple | None = None,
 ) -> Source:
-    """List the Parquet files at ``path`` and check their columns and types (footers only):
-    the features, the label (if any) and the columns ``also`` named; ``hint`` is what an error
-    about a missing column advises."""
+    """List the Parquet or CSV files at ``path`` and check their columns and types (footers and
+    headers only): the features (None: every column but the label and ``also``), the label (if
+    any) and the columns ``also`` named; ``hint`` is what an error about a missing column
+    advises. Each feature column is numeric or categorical by its type in the first file
+    (strings, booleans, dictionaries: categorical), or categorical if ``categorical`` names it.
+    ``plan``: (numeric, categorical, label_names) decided already (the training files', for
+    separate validation files; a trained model's, for prediction)."""
     try:
         where = Location.of(path)  # a local path made absolute, or a URI
     except StorageError as e:
@@ -103,12 +112,15 @@ def find(
             f"data path {path!r} holds both Parquet and CSV files; point it at one kind"
         )
     kind = "csv" if kinds == {".csv"} else "parquet"
+    schema = _read_schema(fs, files[0], kind)
+    if plan is None:
+        plan = _plan(files[0], schema, feature_columns, label_column, categorical, also, hint)
+    numeric, categories, label_names = plan
     width = None
     row_groups: list[tuple[str, int, int]] = []
+    wanted = (numeric, categories, label_column, label_names, tuple(also), hint)
     for file in files:
-        file_width, groups = _check_schema(
-            fs, file, (tuple(feature_columns), label_column, tuple(also), hint), kind
-        )
+        file_width, groups = _check_schema(fs, file, wanted, kind)
         row_groups += [(file, i, rows) for i, rows in enumerate(groups)]
         if width is not None and file_width is not None and file_width != width:
             raise DataError(
@@ -117,8 +129,59 @@ def find(
             )
         width = width if file_width is None else file_width
     return Source(
-        fs, tuple(files), tuple(feature_columns), label_column, width, kind, tuple(row_groups)
+        fs,
+        tuple(files),
+        numeric,
+        label_column,
+        width,
+        kind,
+        tuple(row_groups),
+        categories,
+        label_names,
     )
+
+
+def _plan(
+    file: str,
+    schema: pa.Schema,
+    feature_columns: Sequence[str] | None,
+    label: str | None,
+    categorical: Sequence[str] | None,
+    also: Sequence[str],
+    hint: str,
+) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """Which feature columns are numeric and which categorical, and whether the label holds
+    names, from the first file's schema and the config."""
+    names = schema.names
+    for column in (*(feature_columns or ()), *([label] if label else []), *(categorical or ())):
+        if column not in names:
+            raise DataError(f"{file}: no column {column!r} (it has {', '.join(names)}); {hint}")
+    if feature_columns is None:
+        feature_columns = [c for c in names if c != label and c not in also]
+        if not feature_columns:
+            raise DataError(f"{file}: no column but the label {label!r}; {hint}")
+    named = set(categorical or ())
+    extra = named - set(feature_columns)
+    if extra:
+        raise DataError(
+            f"data.categorical_columns names {sorted(extra)[0]!r}, which is not a feature column "
+            f"({', '.join(feature_columns)})"
+        )
+    categories = tuple(
+        c for c in feature_columns if c in named or is_categorical_type(schema.field(c).type)
+    )
+    numeric = tuple(c for c in feature_columns if c not in categories)
+    label_names = label is not None and is_categorical_type(schema.field(label).type)
+    return numeric, categories, label_names
+
+
+def _read_schema(fs: pafs.FileSystem, file: str, kind: str) -> pa.Schema:
+    try:
+        if kind == "parquet":
+            return pq.read_schema(file, filesystem=fs)
+        return csvfiles.schema(fs, file)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{file}: not a readable {kind.upper()} file ({e})") from None
 
 
 def _check_schema(
@@ -138,17 +201,18 @@ def _check_schema(
 
 
 def _width(file: str, schema: pa.Schema, wanted: tuple, kind: str) -> int | None:
-    feature_columns, label, also, hint = wanted
+    feature_columns, categorical, label, label_names, also, hint = wanted
     names = schema.names
-    for column in (*feature_columns, *([label] if label else []), *also):
+    for column in (*feature_columns, *categorical, *([label] if label else []), *also):
         if column not in names:
             raise DataError(f"{file}: no column {column!r} (it has {', '.join(names)}); {hint}")
     if kind == "csv":
         return len(feature_columns)  # types are checked value by value as the rows are read
     label_type = schema.field(label).type if label else pa.int64()
-    if not pa.types.is_integer(label_type):
+    if not label_names and not pa.types.is_integer(label_type):
         raise DataError(
-            f"{file}: label column {label!r} is {label_type}; labels must be integers 0..classes-1"
+            f"{file}: label column {label!r} is {label_type}; labels must be integers "
+            "0..classes-1, or names (strings, booleans)"
         )
     if len(feature_columns) == 1:
         column = feature_columns[0]
@@ -168,33 +232,14 @@ def _width(file: str, schema: pa.Schema, wanted: tuple, kind: str) -> int | None
         if not _numeric(kind):
             raise DataError(
                 f"{file}: feature column {column!r} is {kind}; features must be numbers (one "
-                "fixed-size list column, or one numeric column per feature)"
+                "fixed-size list column, or one numeric column per feature) or categories "
+                "(strings, booleans)"
             )
     return len(feature_columns)
 
 
 def _numeric(kind: pa.DataType) -> bool:
     return pa.types.is_floating(kind) or pa.types.is_integer(kind)
-
-
-def features_of(batch: pa.Table, feature_columns: Sequence[str]) -> np.ndarray | None:
-    """The features of a batch as a float32 (rows, features) array; None if lists are ragged."""
-    if len(feature_columns) == 1:
-        column = batch.column(feature_columns[0]).combine_chunks()
-        kind = column.type
-        if pa.types.is_fixed_size_list(kind):
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            return values.astype(np.float32, copy=False).reshape(len(column), kind.list_size)
-        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-            if len(lengths) and lengths.min() != lengths.max():
-                return None
-            width = int(lengths[0]) if len(lengths) else 0
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            return values.astype(np.float32, copy=False).reshape(len(column), width)
-    return np.stack(
-        [batch.column(c).to_numpy(zero_copy_only=False) for c in feature_columns], axis=1
-    ).astype(np.float32, copy=False)
 
 
 _HASH_BLOCK = 1 << 15
@@ -221,32 +266,33 @@ def in_validation(x: np.ndarray, fraction: float) -> np.ndarray:
 
 def to_xy(
     batch: pa.Table,
-    feature_columns: Sequence[str],
-    label_column: str,
+    source: Source,
+    encoding: Encoding,
     val_fraction: float = 0.0,
     keep: str = "all",
 ) -> pa.Table:
-    """A batch as ``x``/``y`` rows (raytrain.data.tables).
+    """A batch as ``x``/``y`` rows (raytrain.data.tables), encoded by ``encoding``.
 
     ``keep`` is "train" or "val" to keep one side of the hashed validation split, or "all".
     """
-    x = features_of(batch, feature_columns)
-    y = batch.column(label_column).to_numpy(zero_copy_only=False)
+    x = encoding.encode(batch)
+    y = encoding.labels(batch)
     if keep != "all":
-        held_out = in_validation(x, val_fraction)
+        raw = x if encoding.plain else features_of(batch, source.feature_columns)
+        held_out = in_validation(split_keys(batch, raw, source.categorical), val_fraction)
         rows = held_out if keep == "val" else ~held_out
         x, y = np.compress(rows, x, axis=0), np.compress(rows, y)
     return xy_table(x, y)
 
 
-def read_xy(source: Source, val_fraction: float = 0.0, keep: str = "all"):
+def read_xy(source: Source, encoding: Encoding, val_fraction: float = 0.0, keep: str = "all"):
     """A lazy Ray Dataset of the source's ``x``/``y`` rows (``keep`` as in ``to_xy``)."""
-    return read_mapped(source, to_xy, val_fraction=val_fraction, keep=keep)
+    return read_mapped(source, to_xy, encoding=encoding, val_fraction=val_fraction, keep=keep)
 
 
 def read_mapped(source: Source, fn, include_paths: bool = False, **kwargs):
-    """The source's files read by Ray Data, every batch mapped by ``fn(batch, feature_columns,
-    label_column, **kwargs)`` as an Arrow table."""
+    """The source's files read by Ray Data, every batch mapped by ``fn(batch, source,
+    **kwargs)`` as an Arrow table."""
     import ray.data
 
     if source.format == "csv":
@@ -254,7 +300,7 @@ def read_mapped(source: Source, fn, include_paths: bool = False, **kwargs):
             list(source.files),
             filesystem=source.filesystem,
             include_paths=include_paths,
-            convert_options=csvfiles.convert_options(source.feature_columns, source.label_column),
+            convert_options=csvfiles.convert_options(source),
         )
     else:
         read = ray.data.read_parquet(
@@ -266,9 +312,5 @@ def read_mapped(source: Source, fn, include_paths: bool = False, **kwargs):
     return read.map_batches(
         fn,
         batch_format="pyarrow",
-        fn_kwargs={
-            "feature_columns": source.feature_columns,
-            "label_column": source.label_column,
-            **kwargs,
-        },
+        fn_kwargs={"source": source, **kwargs},
     )

@@ -10,6 +10,7 @@ group is already a block: its size is in the footer, and reading it needs only t
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import queue
 import threading
@@ -22,7 +23,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raytrain.data.files import features_of, in_validation
+from raytrain.data.columns import Encoding, features_of, split_keys
+from raytrain.data.files import in_validation
 
 # Rows shuffled together: row groups are read until the window holds this many rows, then
 # permuted as one, so that a batch mixes several row groups (files sorted by label still give
@@ -61,6 +63,9 @@ class PieceSet:
     pieces: tuple[Piece, ...]
     val_fraction: float = 0.0
     keep: str = "all"
+    # How raw rows become x and y (categories, missing values, names of classes); None: the
+    # feature columns' numbers and the label's integers as they are.
+    encoding: Encoding | None = None
 
     def rows(self, piece: Piece) -> int:
         """How many of the piece's rows belong to this split."""
@@ -105,7 +110,9 @@ class PieceSet:
         ``pick(piece, x, y)`` makes of the piece's rows, views of Arrow's buffers); with
         ``ahead``, the next piece is read in the background while the caller works on this one
         (pyarrow and NumPy release the GIL)."""
-        columns = [*self.feature_columns, self.label_column]
+        encoding = self.encoding
+        categorical = encoding.categorical if encoding is not None else ()
+        columns = [*self.feature_columns, *categorical, self.label_column]
         files: dict[str, pq.ParquetFile] = {}
         pick = pick or self.select
 
@@ -113,8 +120,17 @@ class PieceSet:
             if piece.file not in files:
                 files[piece.file] = pq.ParquetFile(piece.file, filesystem=self.filesystem)
             table = files[piece.file].read_row_group(piece.row_group, columns=columns)
-            x = features_of(table, self.feature_columns)
-            return pick(piece, x, table.column(self.label_column).to_numpy(zero_copy_only=False))
+            if encoding is None:
+                x = features_of(table, self.feature_columns)
+                y = table.column(self.label_column).to_numpy(zero_copy_only=False)
+                return pick(piece, x, y)
+            if not encoding.plain and piece.held_out is None and self.val_fraction:
+                # The split hashes the raw rows (raytrain.data.columns.split_keys).
+                raw = split_keys(table, features_of(table, self.feature_columns), categorical)
+                mask = in_validation(raw, self.val_fraction)
+                piece = dataclasses.replace(piece, held_out=np.packbits(mask).tobytes())
+            x, y = encoding.encode(table), encoding.labels(table)
+            return pick(piece, x, y)
 
         try:
             if not ahead:

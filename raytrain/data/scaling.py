@@ -125,6 +125,43 @@ def combine(parts: list[dict]) -> Scaling:
     return Scaling(tuple(mean.tolist()), tuple(std.tolist()))
 
 
+def combine_present(parts: list[dict]) -> dict:
+    """``combine`` for moments whose counts differ per feature (each feature over its values
+    that are present): the combined n, mean and m2 per feature."""
+    n = mean = m2 = None
+    for part in parts:
+        k = np.broadcast_to(np.asarray(part["n"], dtype=np.float64), np.shape(part["mean"]))
+        m, s = np.asarray(part["mean"]), np.asarray(part["m2"])
+        if n is None:
+            n, mean, m2 = k.copy(), m.copy(), s.copy()
+            continue
+        total = n + k
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(total > 0, k / total, 0.0)
+            cross = np.where(total > 0, n * k / total, 0.0)
+        delta = m - mean
+        mean = mean + delta * share
+        m2 = m2 + s + delta**2 * cross
+        n = total
+    return {"n": n, "mean": mean, "m2": m2}
+
+
+def encoded_scaling(combined: dict, missing: np.ndarray | None, train_rows: int, encoding):
+    """The scaling of encoded rows (raytrain.data.columns.Encoding): each numeric feature by its
+    present values (a missing one, filled with the mean, becomes 0), each "was missing" feature
+    by its share p of training rows (mean p, std sqrt(p(1-p))), categorical codes untouched."""
+    n = combined["n"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(n > 0, np.sqrt(combined["m2"] / np.maximum(n, 1)), 0.0)
+    mean = np.where(n > 0, combined["mean"], 0.0)
+    share = np.zeros(0) if missing is None else missing[list(encoding.indicators)] / train_rows
+    codes = len(encoding.categorical)
+    return Scaling(
+        tuple([*mean.tolist(), *share.tolist(), *[0.0] * codes]),
+        tuple([*std.tolist(), *np.sqrt(share * (1 - share)).tolist(), *[1.0] * codes]),
+    )
+
+
 def fit_scaling(train) -> Scaling:
     """The training split's statistics from a Ray Dataset of ``x``/``y`` rows, in one pass."""
     parts = train.map_batches(partial_moments, batch_format="pyarrow").take_all()

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytrain.cluster import stderr_to_devnull
-from raytrain.data.files import DataError, Source, features_of
+from raytrain.data.columns import features_of
+from raytrain.data.files import DataError, Source
 from raytrain.errors import UserError
 from raytrain.storage import Location
 
@@ -133,17 +134,17 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
         writer = None
         for record_batch in batches:
             table = pa.Table.from_batches([record_batch])
-            x = _features(table, job, trained.features, unit.file, done)
+            x = _features(table, job, trained, unit.file, done)
             with torch.no_grad():
                 logits = model(torch.from_numpy(x))
             probabilities = torch.softmax(logits, dim=1).numpy()
             if job.label is not None:
-                y = _labels(table, job.label, classes, unit.file, done)
+                y = _labels(table, job.label, trained, unit.file, done)
                 loss, counts = tally_logits(logits, torch.from_numpy(y), classes)
                 loss_sum += loss.item()
                 confusion += counts
             out = table.select(list(job.keep))
-            out = out.append_column(PREDICTION, pa.array(probabilities.argmax(axis=1)))
+            out = out.append_column(PREDICTION, _predictions(probabilities, trained))
             flat = pa.array(probabilities.reshape(-1))
             out = out.append_column(PROBABILITIES, pa.FixedSizeListArray.from_arrays(flat, classes))
             if writer is None:
@@ -151,7 +152,8 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
             writer.write_table(out)
             done += len(table)
         if writer is None:  # a unit of empty row groups: still a file, with the schema
-            writer = pq.ParquetWriter(stream, output_schema(job, classes, reader.schema_arrow))
+            schema = output_schema(job, classes, reader.schema_arrow, trained.class_names)
+            writer = pq.ParquetWriter(stream, schema)
         writer.close()
     return {
         "unit": unit.index,
@@ -162,19 +164,39 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
     }
 
 
-def output_schema(job: Job, classes: int, schema: pa.Schema) -> pa.Schema:
-    """The output's columns: the kept ones, the class index and the class probabilities."""
+def _predictions(probabilities: np.ndarray, trained) -> pa.Array:
+    """The most probable class of each row: its name, for a label of names, else its index."""
+    best = probabilities.argmax(axis=1)
+    if trained.class_names is None:
+        return pa.array(best)
+    return pa.array(np.asarray(trained.class_names, dtype=object)[best], pa.string())
+
+
+def output_schema(
+    job: Job, classes: int, schema: pa.Schema, class_names: tuple[str, ...] | None = None
+) -> pa.Schema:
+    """The output's columns: the kept ones, the class (index, or name) and the class
+    probabilities (in the order of the class indexes, or of ``class_names``)."""
     return pa.schema(
         [
             *(schema.field(name) for name in job.keep),
-            pa.field(PREDICTION, pa.int64()),
+            pa.field(PREDICTION, pa.int64() if class_names is None else pa.string()),
             pa.field(PROBABILITIES, pa.list_(pa.float32(), classes)),
         ]
     )
 
 
-def _features(table: pa.Table, job: Job, width: int, file: str, before: int) -> np.ndarray:
-    x = features_of(table, job.source.feature_columns)
+def _features(table: pa.Table, job: Job, trained, file: str, before: int) -> np.ndarray:
+    """The rows' ``x`` as the model was trained on it: encoded (missing values imputed,
+    categories coded) by the checkpoint's encoding, when it has one."""
+    encoding, width = trained.encoding, trained.features
+    if encoding is not None:
+        try:
+            x = encoding.encode(table)
+        except ValueError:
+            x = None
+    else:
+        x = features_of(table, job.source.feature_columns)
     if x is None:
         raise DataError(f"{file}: feature lists of different lengths; the model takes {width}")
     if x.shape[1] != width:
@@ -190,11 +212,21 @@ def _features(table: pa.Table, job: Job, width: int, file: str, before: int) -> 
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _labels(table: pa.Table, label: str, classes: int, file: str, before: int) -> np.ndarray:
+def _labels(table: pa.Table, label: str, trained, file: str, before: int) -> np.ndarray:
+    classes, names = trained.classes, trained.class_names
     column = table.column(label)
     if column.null_count:
         row = before + int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
         raise DataError(f"{file}: row {row} has no {label!r}; --label needs a label on every row")
+    if names is not None:
+        y = trained.encoding.labels(table, label)
+        if (y < 0).any():
+            row = int(np.argmax(y < 0))
+            raise DataError(
+                f"{file}: row {before + row} has {label} {column[row].as_py()!r}, but the model "
+                f"knows classes {', '.join(names)}"
+            )
+        return y
     y = column.to_numpy(zero_copy_only=False).astype(np.int64)
     out = (y < 0) | (y >= classes)
     if out.any():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from raytrain import config, runs
+from raytrain.data.columns import Encoding
 from raytrain.data.scaling import Scaling
 from raytrain.errors import UserError
 from raytrain.model import build_model
@@ -49,14 +50,22 @@ class Trained:
     classes: int
     scaling: Scaling | None
     weights: dict[str, torch.Tensor]
+    encoding: Encoding | None = None  # how raw rows become x (files; None: synthetic rows)
+    categories: tuple[int, ...] = ()  # codes per categorical column
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
-        return self.config.data.feature_columns
+        if self.encoding is not None:
+            return (*self.encoding.numeric, *self.encoding.categorical)
+        return self.config.data.feature_columns or ("x",)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.encoding.class_names if self.encoding is not None else None
 
     def model(self) -> ScaledModel:
         """A fresh copy of the trained model, scaling folded in, in eval mode."""
-        model = build_model(self.config.model, self.features, self.classes)
+        model = build_model(self.config.model, self.features, self.classes, self.categories)
         model.load_state_dict(self.weights)
         return ScaledModel(model, self.scaling, self.features).eval()
 
@@ -69,6 +78,8 @@ class Trained:
             "feature_columns": list(self.feature_columns),
             "features": self.features,
             "classes": self.classes,
+            "class_names": None if self.class_names is None else list(self.class_names),
+            "categorical_columns": list(self.encoding.categorical if self.encoding else ()),
             "scaled": self.scaling is not None,
         }
 
@@ -139,6 +150,8 @@ def load_checkpoint(where: Location | str, why: str = "the checkpoint given") ->
         classes=classes,
         scaling=Scaling(tuple(scaling["mean"]), tuple(scaling["std"])) if scaling else None,
         weights=state["model"],
+        encoding=Encoding.from_dict(state["encoding"]) if state.get("encoding") else None,
+        categories=tuple((state.get("shape") or {}).get("categories", ())),
     )
     try:
         trained.model()  # a custom class that is gone or changed: say so now, in one line

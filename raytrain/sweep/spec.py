@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from raytrain import config
-from raytrain.config import ConfigError
+from raytrain.config import ConfigError, Metric
 from raytrain.storage import Location
 from raytrain.train.stopping import mode_of
 
@@ -39,7 +39,7 @@ class SweepConfig(BaseModel):
 
     trials: int = Field(8, ge=1, description="How many trials (samples of the space).")
     concurrent: int = Field(2, ge=1, description="How many trials run at once.")
-    metric: Literal["val_loss", "val_accuracy", "loss", "accuracy"] | None = Field(
+    metric: Metric | None = Field(
         None, description="What the sweep optimises; default: the base config's checkpoint metric."
     )
     search: Literal["random", "grid", "optuna"] = Field(

@@ -76,7 +76,7 @@ class TrialConsole(Console):
         if self.metric in row:
             if row.get("checkpoint"):  # ASHA may stop the trial on this report: keep it first
                 wait_for_checkpoint(row["checkpoint"])
-            keys = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "samples_per_s")
+            keys = ("epoch", "loss", "accuracy", "samples_per_s", *VALIDATION_KEYS)
             tune.report({k: row[k] for k in keys if k in row})
 
 
@@ -90,12 +90,16 @@ def wait_for_checkpoint(location: str, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+VALIDATION_KEYS = ("val_loss", "val_accuracy", "val_auc", "val_f1", "val_log_loss")
+
 # What the check of the data files depends on (raytrain.data.checks.scan_files).
 CHECKED_FIELDS = (
     "data.path",
     "data.val_path",
     "data.feature_columns",
     "data.label_column",
+    "data.categorical_columns",
+    "data.missing",
     "data.val_fraction",
 )
 

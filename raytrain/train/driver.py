@@ -28,6 +28,16 @@ from raytrain.train.loop import LoopArgs, train_loop_per_worker
 from raytrain.train.stopping import mode_of
 
 
+def class_weights(cfg: Config, datasets: Datasets) -> tuple[float, ...] | None:
+    """``train.class_weight: balanced``: rows / (classes x the class's training rows) per class
+    (scikit-learn's rule; a class without training rows weighs 0)."""
+    if cfg.train.class_weight == "none":
+        return None
+    counts = datasets.label_counts
+    total = sum(counts)
+    return tuple(total / (len(counts) * n) if n else 0.0 for n in counts)
+
+
 def build_trainer(
     cfg: Config,
     plan: Plan,
@@ -55,6 +65,9 @@ def build_trainer(
         scaling=datasets.scaling,
         train_pieces=datasets.train_pieces,
         val_pieces=datasets.val_pieces,
+        categories=datasets.encoding.cardinalities if datasets.encoding else (),
+        class_weights=class_weights(cfg, datasets),
+        encoding=datasets.encoding.to_dict() if datasets.encoding else None,
     )
     # Streamed CSV: Ray Train shards the Ray Datasets. Parquet's workers read their row groups.
     streamed = datasets.ingest == "stream" and datasets.train is not None

@@ -57,6 +57,7 @@ from raytrain.train.metrics import (
     gather_epoch,
     gather_objects,
     sum_over_workers,
+    validation_totals,
     worker_row,
 )
 from raytrain.train.optim import build_optimizer, build_scheduler
@@ -80,6 +81,9 @@ class LoopArgs:
     train_pieces: PieceSet | None = None  # Parquet: the row groups each worker reads itself
     val_pieces: PieceSet | None = None
     fail_at: tuple[int, int] | None = None  # (rank, epoch): raytrain.train.faults
+    categories: tuple[int, ...] = ()  # codes per categorical column (the last features)
+    class_weights: tuple[float, ...] | None = None  # train.class_weight: balanced
+    encoding: dict[str, Any] | None = None  # files: raytrain.data.columns.Encoding, for checkpoints
 
 
 def train_epoch(
@@ -88,6 +92,7 @@ def train_epoch(
     batches: Batches,
     world: int,
     grad_clip: float | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One epoch over this worker's batches; returns its own loss sum, correct count, rows, the
     seconds spent in forward, backward and the optimizer step (the rest is waiting for data), and
@@ -101,7 +106,7 @@ def train_epoch(
     for step, (xb, yb, global_rows) in enumerate(batches, start=1):
         step_started = time.perf_counter()
         logits = model(xb)
-        summed = F.cross_entropy(logits, yb, reduction="sum")
+        summed = F.cross_entropy(logits, yb, weight=class_weights, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
         # DDP divides by world; this makes the step's gradient the mean over the global batch.
         (summed * (world / global_rows)).backward()
@@ -202,13 +207,13 @@ def validate(
     the validation of all held-out rows, summed over the workers in one all-reduce: the loss sum
     and the confusion matrix that a checkpoint of this epoch carries."""
     started = time.perf_counter()
-    loss_sum, confusion = tally(unwrap(model), batches, classes)
+    loss_sum, confusion, scores = tally(unwrap(model), batches, classes)
     mine = {
         "val_loss_sum": loss_sum,
         "val_correct": float(confusion.diag().sum().item()),
         "val_rows": float(confusion.sum().item()),
     }
-    whole = sum_over_workers(loss_sum, confusion, world)
+    whole = sum_over_workers(loss_sum, confusion, scores, world)
     mine["val_time_s"] = time.perf_counter() - started
     return mine, whole
 
@@ -221,7 +226,7 @@ def build_or_restore(args: LoopArgs):
     checkpoint if it has one; returns them, the epochs already done and early stopping's watch."""
     cfg = args.config
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, args.features, args.classes)
+    model = build_model(cfg.model, args.features, args.classes, args.categories)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     state = checkpoint.restore(model, optimizer, scheduler)
@@ -294,7 +299,9 @@ class Worker:
         cfg, done = self.args.config.train, epoch + 1
         lr = self.optimizer.param_groups[0]["lr"]
         started_at, started = time.time(), time.perf_counter()
-        local = train_epoch(self.model, self.optimizer, batches, self.world, cfg.grad_clip)
+        weights = self.args.class_weights
+        weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        local = train_epoch(self.model, self.optimizer, batches, self.world, cfg.grad_clip, weights)
         local.update(epoch_time_s=time.perf_counter() - started, started_at=started_at)
         whole = None
         if validation_due(done, cfg):
@@ -304,6 +311,8 @@ class Worker:
             local.update(NOT_VALIDATED)
         stats = gather_epoch(local, self.world)
         totals = {**epoch_totals(done, stats), "lr": lr}
+        if whole is not None:
+            totals.update(validation_totals(whole, totals["val_rows"]))
         # The same gathered numbers on every worker: all stop together, none checkpoints.
         bad = not_finite(totals, stats)
         stop = not bad and self.watch.update(totals)
@@ -332,7 +341,12 @@ class Worker:
             "config": args.config.to_dict(),
             "scaling": args.scaling.to_dict() if args.scaling is not None else None,
             "watch": self.watch.state(),
-            "shape": {"features": args.features, "classes": args.classes},
+            "shape": {
+                "features": args.features,
+                "classes": args.classes,
+                "categories": list(args.categories),
+            },
+            "encoding": args.encoding,
         }
         places = [{k: s[k] for k in PLACE} for s in self.starts]
         extra["validation"] = {**whole, "epoch": done, "workers": places}

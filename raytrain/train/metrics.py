@@ -6,7 +6,9 @@ by rows), ``lr`` (the learning rate the epoch trained with), ``nonfinite_step`` 
 whose loss became NaN or infinite: the first such step, 1-based; training stops there), ``rows``,
 ``epoch_time_s`` (the slowest worker's, training only), ``samples_per_s``; in a validated epoch
 ``val_loss``, ``val_accuracy`` (over all validation rows, each worker validating its share),
-``val_rows`` and ``val_time_s`` (the slowest worker's); ``stopped_early`` (only in the epoch early
+``val_log_loss`` (the same as ``val_loss``: named as scikit-learn names it), ``val_f1`` (macro),
+``val_auc`` (binary; one-vs-rest macro for more classes; raytrain.evaluate), ``val_rows`` and
+``val_time_s`` (the slowest worker's); ``stopped_early`` (only in the epoch early
 stopping ended: ``best_epoch`` and ``best``); ``checkpoint`` (the checkpoint this epoch wrote, or
 null), ``time`` and ``workers``: per worker ``rank``, ``node_id``, ``node_ip``, ``started_at``,
 ``compute_s``, ``loss``, ``accuracy``, ``rows``, ``epoch_time_s``, ``samples_per_s``; in the first
@@ -35,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from raytrain import runs
+from raytrain.evaluate import auc, f1_macro
 from raytrain.storage import Location
 
 # What each worker contributes to an epoch's row, gathered in one collective per epoch.
@@ -64,17 +67,38 @@ def gather_epoch(local: dict[str, float], world: int) -> list[dict[str, float]]:
     return [dict(zip(STATS, row.tolist(), strict=True)) for row in table]
 
 
-def sum_over_workers(loss_sum: float, confusion: torch.Tensor, world: int) -> dict[str, Any]:
-    """A validation's loss sum and confusion matrix added up over the workers (one all-reduce;
-    float64 counts are exact far beyond any row count)."""
+def sum_over_workers(
+    loss_sum: float, confusion: torch.Tensor, scores: torch.Tensor, world: int
+) -> dict[str, Any]:
+    """A validation's loss sum, confusion matrix and score counts added up over the workers
+    (one all-reduce; float64 counts are exact far beyond any row count), with the AUC and
+    macro F1 of the sums (raytrain.evaluate)."""
     classes = confusion.shape[0]
     packed = torch.cat(
-        [torch.tensor([loss_sum], dtype=torch.float64), confusion.flatten().to(torch.float64)]
+        [
+            torch.tensor([loss_sum], dtype=torch.float64),
+            confusion.flatten().to(torch.float64),
+            scores.flatten().to(torch.float64),
+        ]
     )
     if world > 1:
         dist.all_reduce(packed)
-    counts = packed[1:].round().to(torch.int64).view(classes, classes)
-    return {"loss_sum": packed[0].item(), "confusion": counts.tolist()}
+    counts = packed[1 : 1 + classes * classes].round().to(torch.int64).view(classes, classes)
+    summed_scores = packed[1 + classes * classes :].view(scores.shape)
+    return {
+        "loss_sum": packed[0].item(),
+        "confusion": counts.tolist(),
+        "auc": auc(summed_scores),
+        "f1": f1_macro(counts),
+    }
+
+
+def validation_totals(whole: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The epoch's row's metrics of a validation over all workers (``sum_over_workers``)."""
+    out = {"val_log_loss": whole["loss_sum"] / rows, "val_f1": whole["f1"]}
+    if whole.get("auc") is not None:
+        out["val_auc"] = whole["auc"]
+    return out
 
 
 def gather_objects(mine: dict[str, Any], world: int) -> list[dict[str, Any]]:

@@ -96,6 +96,7 @@ def validation_of(checkpoint_dir: str) -> dict[str, Any]:
             "raytrain); train the run again"
         )
     validation = summarize(found["loss_sum"], torch.tensor(found["confusion"]))
+    validation["auc"] = found.get("auc")
     validation["validated_by"] = {"epoch": found["epoch"], "workers": found["workers"]}
     return validation
 
