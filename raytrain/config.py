@@ -28,7 +28,16 @@ PRECEDENCE = (
 )
 # The metrics that can pick the best checkpoint, stop early and rank a sweep's trials.
 Metric = Literal[
-    "val_loss", "val_accuracy", "val_auc", "val_f1", "val_log_loss", "loss", "accuracy"
+    "val_loss",
+    "val_accuracy",
+    "val_auc",
+    "val_f1",
+    "val_log_loss",
+    "val_rmse",
+    "val_mae",
+    "val_r2",
+    "loss",
+    "accuracy",
 ]
 MAX_SEED = 2**63 - 1  # torch's generators and numpy's SeedSequence both take 0..2**63-1
 
@@ -139,6 +148,11 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = Field(
         {}, description="Keyword arguments for your own model class (besides features, classes)."
     )
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto",
+        description="'classification' of a label of class indexes or names; 'regression' of a "
+        "numeric target; 'auto': regression for a floating-point label, else classification.",
+    )
     embedding_dim: int | None = Field(
         None,
         ge=1,
@@ -217,6 +231,11 @@ class TrainConfig(_Section):
         None, gt=0, description="Clip the global batch's gradient to this L2 norm. Unset: no clip."
     )
     shuffle: bool = Field(True, description="Reshuffle the training rows every epoch (seeded).")
+    loss: Literal["mse", "huber"] = Field(
+        "mse",
+        description="Regression's loss on the standardised target: 'mse' (squared error), or "
+        "'huber' (squared near 0, linear beyond 1 standard deviation: outliers pull less).",
+    )
     class_weight: Literal["none", "balanced"] = Field(
         "none",
         description="'balanced': weigh each class's loss by rows / (classes x its training "

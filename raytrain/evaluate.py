@@ -135,3 +135,68 @@ def evaluate(
 
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
+
+
+# ---- regression -----------------------------------------------------------------------------
+
+PAIRS = 2000  # (actual, predicted) rows a validation keeps for the report's plots
+
+
+def regression_loss(predicted: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """The summed loss of standardised predictions against the standardised target: squared
+    error ('mse'), or Huber's (squared within 1 standard deviation, linear beyond)."""
+    if loss == "huber":
+        return F.huber_loss(predicted, y, reduction="sum", delta=1.0)
+    return F.mse_loss(predicted, y, reduction="sum")
+
+
+@torch.no_grad()
+def tally_regression(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loss: str
+) -> tuple[float, torch.Tensor, list[list[float]]]:
+    """The summed loss of ``model`` over ``(x, y)`` batches of a standardised target, the sums
+    that give RMSE, MAE and R^2 (``regression_metrics``): squared and absolute errors, the
+    target and its square, the rows (float64, standardised units); and up to ``PAIRS``
+    (actual, predicted) pairs, standardised."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    pairs: list[list[float]] = []
+    for x, y in batches:
+        predicted = model(x).squeeze(1)
+        loss_sum += regression_loss(predicted, y, loss).double()
+        sums += regression_sums(predicted, y)
+        if len(pairs) < PAIRS:
+            kept = torch.stack([y, predicted], dim=1)[: PAIRS - len(pairs)]
+            pairs += kept.tolist()
+    model.train(was_training)
+    return loss_sum.item(), sums, pairs
+
+
+def regression_sums(predicted: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One batch's sums for ``regression_metrics``: squared and absolute errors, the target
+    and its square, the rows (float64)."""
+    error, target = (predicted - y).double(), y.double()
+    return torch.stack(
+        [
+            (error * error).sum(),
+            error.abs().sum(),
+            target.sum(),
+            (target * target).sum(),
+            torch.tensor(float(len(y)), dtype=torch.float64),
+        ]
+    )
+
+
+def regression_metrics(sums: list[float], target: tuple[float, float]) -> dict[str, float]:
+    """RMSE and MAE in the target's own units, and R^2, from ``tally_regression``'s sums
+    (added up over workers) and the target's (mean, std)."""
+    sse, sae, sy, syy, n = sums
+    std = target[1]
+    total = syy - sy * sy / n  # the spread of the actual values around their mean
+    return {
+        "rmse": std * (sse / n) ** 0.5,
+        "mae": std * sae / n,
+        "r2": 1 - sse / total if total > 0 else 0.0,
+    }

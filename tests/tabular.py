@@ -151,3 +151,71 @@ def sklearn_pipeline(table: pa.Table, label: str, val_fraction: float = 0.2) -> 
         "auc": float(score),
         "rows": int(held.sum()),
     }
+
+
+def sklearn_ridge_rmse(table: pa.Table, label: str = "target", val_fraction: float = 0.2) -> dict:
+    """scikit-learn's pipeline for a numeric target (Ridge instead of LogisticRegression),
+    trained and scored on raytrain's split: the validation RMSE."""
+    from sklearn.compose import make_column_transformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from raytrain.data.columns import features_of, split_keys
+    from raytrain.data.files import in_validation
+
+    keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
+    held = in_validation(keys, val_fraction)
+    frame = table.to_pandas()
+    x, y = frame[MIXED_NUMERIC + MIXED_CATEGORICAL], frame[label]
+    numeric = make_pipeline(SimpleImputer(add_indicator=True), StandardScaler())
+    categorical = make_pipeline(
+        SimpleImputer(strategy="constant", fill_value="missing"),
+        OneHotEncoder(handle_unknown="ignore"),
+    )
+    model = make_pipeline(
+        make_column_transformer((numeric, MIXED_NUMERIC), (categorical, MIXED_CATEGORICAL)),
+        Ridge(alpha=1.0),
+    ).fit(x[~held], y[~held])
+    error = model.predict(x[held]) - y[held].to_numpy()
+    return {"rmse": float(np.sqrt(np.mean(error**2))), "rows": int(held.sum())}
+
+
+def sklearn_boosting(table: pa.Table, label: str, val_fraction: float = 0.2) -> dict:
+    """HistGradientBoosting (classifier or regressor, by the label) on the mixed table, with
+    its own handling of missing values and the string columns as categories, on raytrain's
+    split: accuracy and AUC, or RMSE."""
+    from sklearn.compose import make_column_transformer
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OrdinalEncoder
+
+    from raytrain.data.columns import features_of, split_keys
+    from raytrain.data.files import in_validation
+
+    keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
+    held = in_validation(keys, val_fraction)
+    frame = table.to_pandas()
+    x, y = frame[MIXED_NUMERIC + MIXED_CATEGORICAL], frame[label]
+    codes = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan)
+    prepare = make_column_transformer(
+        (codes, MIXED_CATEGORICAL), remainder="passthrough", verbose_feature_names_out=False
+    )
+    categorical = list(range(len(MIXED_CATEGORICAL)))
+    regression = label == "target"
+    boost = (HistGradientBoostingRegressor if regression else HistGradientBoostingClassifier)(
+        categorical_features=categorical, random_state=0
+    )
+    model = make_pipeline(prepare, boost).fit(x[~held], y[~held])
+    if regression:
+        error = model.predict(x[held]) - y[held].to_numpy()
+        return {"rmse": float(np.sqrt(np.mean(error**2)))}
+    p = model.predict_proba(x[held])
+    score = (
+        roc_auc_score(y[held], p[:, 1])
+        if p.shape[1] == 2
+        else roc_auc_score(y[held], p, multi_class="ovr")
+    )
+    return {"accuracy": float(model.score(x[held], y[held])), "auc": float(score)}

@@ -17,12 +17,14 @@ from .tabular import (
     FEATURES,
     LABEL,
     MIXED_CATEGORICAL,
+    MIXED_LABELS,
     MIXED_NUMERIC,
     features_and_labels,
     make_mixed_table,
     make_table,
     sklearn_accuracy,
     sklearn_pipeline,
+    sklearn_ridge_rmse,
     write_mixed,
     write_parquet,
 )
@@ -89,8 +91,9 @@ def test_csv_trains_exactly_as_the_same_rows_in_parquet(train, parquet_run, tmp_
     # workers one by one, Parquet's by row groups), so equal to float32's precision.
     csv_val, parquet_val = from_csv.results["validation"], from_parquet.results["validation"]
     assert csv_val["loss"] == pytest.approx(parquet_val["loss"], rel=1e-6)
-    assert {**csv_val, "loss": None} == {
+    assert {**csv_val, "loss": None, "log_loss": None} == {
         **parquet_val,
+        "log_loss": None,
         "loss": None,
         "validated_by": csv_val["validated_by"],
     }
@@ -190,24 +193,137 @@ def test_unseen_and_null_categories_take_their_own_codes():
     assert encoding.encode(table).tolist() == [[1.0, 0.0, 3.0], [2.5, 1.0, 0.0], [3.0, 0.0, 1.0]]
 
 
+@pytest.fixture(scope="module")
+def tabular_runs(train, tmp_path_factory):
+    """configs/tabular.yaml on the mixed data, given only the path and the label (each of the
+    three), trained once each for the tests below: {label: (data directory, Trained)}."""
+    storage = tmp_path_factory.mktemp("tabular-runs")
+    found = {}
+    for label in MIXED_LABELS:
+        path = write_mixed(tmp_path_factory.mktemp("mixed") / label, label)
+        found[label] = (
+            path,
+            train(
+                f"data.path={path}",
+                f"data.label_column={label}",
+                "scaling.workers=2",
+                f"run.name={label}",
+                storage=storage,
+                config_file=ROOT / "configs" / "tabular.yaml",
+            ),
+        )
+    return found
+
+
 @pytest.mark.parametrize("label", ["species", "churned"])
-def test_the_tabular_config_trains_as_well_as_scikit_learn(train, tmp_path_factory, label):
-    path = write_mixed(tmp_path_factory.mktemp("mixed") / label, label)
-    trained = train(
-        f"data.path={path}",
-        f"data.label_column={label}",
-        "scaling.workers=2",
-        config_file=ROOT / "configs" / "tabular.yaml",
-    )
+def test_the_tabular_config_classifies_as_well_as_scikit_learn(tabular_runs, label):
+    _, trained = tabular_runs[label]
     ours = trained.results["validation"]
     theirs = sklearn_pipeline(make_mixed_table(), label)
-    print(
-        f"{label}: raytrain {ours['accuracy']:.3f} / AUC {ours['auc']:.3f}, scikit-learn {theirs}"
-    )
+    print(f"{label}: raytrain {ours['accuracy']:.3f}, AUC {ours['auc']:.3f}; sklearn {theirs}")
     assert ours["rows"] == theirs["rows"]
     assert ours["accuracy"] >= theirs["accuracy"] - 0.02
     assert ours["auc"] >= theirs["auc"] - 0.02
     assert trained.state["encoding"]["categorical"] == MIXED_CATEGORICAL
+    assert "classification (model.task auto) into" in trained.console
+
+
+def test_the_tabular_config_fits_a_numeric_target_as_well_as_ridge(tabular_runs):
+    _, trained = tabular_runs["target"]
+    ours = trained.results["validation"]
+    theirs = sklearn_ridge_rmse(make_mixed_table())
+    print(f"target: raytrain RMSE {ours['rmse']:.4f}, R2 {ours['r2']:.3f}; Ridge {theirs}")
+    assert ours["rows"] == theirs["rows"]
+    assert ours["rmse"] <= theirs["rmse"] * 1.05
+    assert "regression of 'target' (model.task auto)" in trained.console
+    row = trained.metrics[-1]
+    assert {"val_rmse", "val_mae", "val_r2"} <= set(row) and "accuracy" not in row
+    assert len(ours["pairs"]) > 100  # predicted against actual, for the report
+
+
+@pytest.mark.parametrize("label", ["species", "target"])
+def test_predict_and_the_onnx_export_agree_on_raw_rows(tabular_runs, tmp_path, label):
+    """Rows with unseen categories and missing values: ``raytrain predict`` speaks in class names
+    (or the target's units), and onnxruntime on the raw rows (numbers with NaN, categorical
+    codes as docs/predict.md describes) gives the same."""
+    import pyarrow.parquet as pq
+
+    from raytrain.data.columns import Encoding
+    from raytrain.inference.export import run_onnx, to_bytes
+    from raytrain.inference.trained import load
+
+    _, trained_run = tabular_runs[label]
+    rows = make_mixed_table(300, seed=7)  # new rows; cities beyond the vocabulary below
+    city = pa.array([f"city-{i % 60:02d}" if i % 5 else None for i in range(300)])
+    rows = rows.set_column(rows.schema.get_field_index("city"), "city", city)
+    (tmp_path / "rows").mkdir()
+    pq.write_table(rows, tmp_path / "rows" / "rows.parquet")
+    run_dir = trained_run.cfg.run.storage_path + f"/{label}"
+    proc = run_module(
+        "raytrain", "predict", run_dir, "--data", str(tmp_path / "rows"),
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    predicted = pq.read_table(tmp_path / "out")
+    trained = load(run_dir, trained_run.cfg.run.storage_path)
+    encoding: Encoding = trained.encoding
+    numeric = np.stack(
+        [rows.column(c).to_numpy(zero_copy_only=False) for c in MIXED_NUMERIC], axis=1
+    )
+    codes = [Encoding.codes(rows.column(c), v) for c, v in zip(
+        encoding.categorical, encoding.vocabularies, strict=True)]  # fmt: skip
+    raw = np.column_stack([numeric, *codes]).astype(np.float32)
+    out = run_onnx(to_bytes(trained, "onnx")[0], raw)
+    if label == "target":
+        assert np.allclose(out[:, 0], predicted.column("prediction").to_numpy(), atol=1e-4)
+        return
+    probabilities = torch.softmax(torch.from_numpy(out), dim=1).numpy()
+    theirs = np.stack(predicted.column("probabilities").to_numpy(zero_copy_only=False))
+    assert np.allclose(probabilities, theirs, atol=1e-6)
+    names = np.array(encoding.class_names)[probabilities.argmax(axis=1)]
+    assert predicted.column("prediction").to_pylist() == names.tolist()
+
+
+def test_embeddings_keep_the_data_parallel_rule(train, mixed_species):
+    """An MLP with embeddings on one worker and on two: the same weights (DDP averages the
+    embeddings' gradients as any other)."""
+    common = (
+        f"data.path={mixed_species}",
+        "data.label_column=species",
+        "data.ingest=memory",
+        "model.name=mlp",
+        "model.hidden=[16]",
+        "train.epochs=2",
+        "train.batch_size=10",
+        "train.lr=0.1",
+    )
+    one = train(*common, "scaling.workers=1")
+    two = train(*common, "scaling.workers=2")
+    assert one.state["encoding"] == two.state["encoding"]
+    diff = max(
+        float((one.state["model"][k] - two.state["model"][k]).abs().max())
+        for k in one.state["model"]
+    )
+    print(f"largest weight difference, 2 workers vs 1: {diff:.3g}")
+    assert diff < 1e-5
+    assert any("embeddings" in k for k in one.state["model"])
+
+
+def test_a_resumed_run_refuses_data_whose_vocabularies_changed(tabular_runs, tmp_path):
+    """The checkpoint keeps the vocabularies; data that would give other ones is one line."""
+    from raytrain.data.datasets import build_datasets
+    from raytrain.errors import UserError
+    from raytrain.storage import Location
+    from raytrain.train.driver import check_same_encoding
+
+    path, trained = tabular_runs["species"]
+    run_dir = Location.of(trained.cfg.run.storage_path) / "species"
+    same = build_datasets(DataConfig(path=str(path), label_column="species"), workers=2)
+    check_same_encoding(run_dir, same)  # the same data: nothing to say
+    other = write_mixed(tmp_path / "other", "species", seed=1)
+    changed = build_datasets(DataConfig(path=str(other), label_column="species"), workers=2)
+    with pytest.raises(UserError, match="vocabularies differ|fill differ"):
+        check_same_encoding(run_dir, changed)
 
 
 @pytest.mark.parametrize("classes", [2, 3])

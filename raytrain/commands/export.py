@@ -58,11 +58,18 @@ def run(args: argparse.Namespace) -> int:
         return error(str(e))
     print(
         f"wrote {out} ({args.format}, {len(data) / 1e3:,.1f} kB): {trained.checkpoint} "
-        f"(epoch {trained.epoch}, {trained.why}), {trained.features} features "
-        f"({', '.join(trained.feature_columns)}) -> {trained.classes} logits; largest "
+        f"(epoch {trained.epoch}, {trained.why}), {trained.raw_features} features "
+        f"({', '.join(trained.feature_columns)}) -> {_outputs(trained)}; largest "
         f"difference from PyTorch on {export.CHECK_ROWS:,} rows {difference:.1e}"
     )
     return EXIT_OK
+
+
+def _outputs(trained) -> str:
+    encoding = trained.encoding
+    if encoding is not None and encoding.target is not None:
+        return f"the predicted {encoding.label!r}"
+    return f"{trained.classes} logits"
 
 
 def writable(text: str, overwrite: bool) -> Location:

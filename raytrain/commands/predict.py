@@ -95,7 +95,12 @@ def prepare(args: argparse.Namespace):
     encoding = trained.encoding
     plan = None
     if encoding is not None:  # the columns as trained, whatever types this data has
-        plan = (encoding.numeric, encoding.categorical, encoding.class_names is not None)
+        plan = (
+            encoding.numeric,
+            encoding.categorical,
+            encoding.class_names is not None,
+            encoding.target is not None,
+        )
     source = files.find(
         args.data,
         trained.feature_columns,
@@ -233,8 +238,19 @@ def _metrics(totals: dict[str, Any], label: str, trained) -> dict[str, Any]:
 
     if not totals["rows"]:
         raise UserError("--label: the data has no rows to measure the model on")
-    metrics = summarize(totals["loss_sum"], torch.tensor(totals["confusion"].tolist()))
+    encoding = trained.encoding
+    if encoding is not None and encoding.target is not None:
+        from raytrain.evaluate import regression_metrics
+
+        metrics = {"rows": totals["rows"], "loss": totals["loss_sum"] / totals["rows"]}
+        metrics.update(regression_metrics(totals["sums"], encoding.target))
+    else:
+        metrics = summarize(totals["loss_sum"], torch.tensor(totals["confusion"].tolist()))
     return {**metrics, "label_column": label, **trained.describe()}
+
+
+def _regression(trained) -> bool:
+    return trained.encoding is not None and trained.encoding.target is not None
 
 
 def _manifest(trained, source, out, job, totals, plan, seconds: float) -> dict[str, Any]:
@@ -243,7 +259,7 @@ def _manifest(trained, source, out, job, totals, plan, seconds: float) -> dict[s
         "out": str(out),
         "data": [str(Location(source.filesystem, f)) for f in source.files],
         "rows": totals["rows"],
-        "columns": [*job.keep, "prediction", "probabilities"],
+        "columns": [*job.keep, "prediction", *([] if _regression(trained) else ["probabilities"])],
         "label_column": job.label,
         "model": trained.describe(),
         "files": [
@@ -269,7 +285,12 @@ def summary(console: Console, out, manifest, metrics, wall: float) -> None:
         f"predicted {rows:,} rows in {seconds:.1f} s ({manifest['rows_per_s'] or 0:,.0f} rows/s) "
         f"into {len(manifest['files'])} file(s)"
     )
-    if metrics is not None:
+    if metrics is not None and "rmse" in metrics:
+        console.line(
+            f"{metrics['label_column']}: rmse {metrics['rmse']:.4g}  mae {metrics['mae']:.4g}  "
+            f"r2 {metrics['r2']:.3f}  ({metrics['rows']:,} rows)"
+        )
+    elif metrics is not None:
         console.line(
             f"{metrics['label_column']}: acc {metrics['accuracy']:.1%}  loss {metrics['loss']:.4f}"
             f"  ({metrics['rows']:,} rows; confusion, true x predicted: {metrics['confusion']})"

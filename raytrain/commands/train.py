@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, program: str = PROG) -> int:
             load_model_class(cfg.model.name)
         from raytrain.data.checks import scan_ahead  # numpy and pyarrow: after bad input
 
-        ahead = scan_ahead(cfg.data, embedded=cluster_address(cfg) is None)
+        ahead = scan_ahead(cfg.data, cluster_address(cfg) is None, cfg.model.task)
         # Imported here so that bad input is reported before torch and Ray are loaded.
         from raytrain.train import driver
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         if once:  # beside Ray's start, as a run's
             from raytrain.data.checks import scan_ahead
 
-            ahead = scan_ahead(cfg.data, embedded=cluster_address(cfg) is None)
+            ahead = scan_ahead(cfg.data, cluster_address(cfg) is None, cfg.model.task)
         from ray import tune  # noqa: F401  (loaded while the check runs, as a run's driver)
 
         if ahead is not None:

@@ -66,7 +66,15 @@ def scan_block(
     if label is not None:
         column = table.column(label)
         found["null_labels"] = column.null_count
-        if source.label_names or not len(column) or column.null_count == len(column):
+        if source.regression:  # a target: a NaN or an infinity is as good as none
+            values = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+            found["null_labels"] = int((~np.isfinite(values)).sum())
+        if (
+            source.label_names
+            or source.regression
+            or not len(column)
+            or column.null_count == len(column)
+        ):
             found["label_min"] = found["label_max"] = 0
         else:
             found["label_min"] = pc.min(column).as_py()
@@ -94,7 +102,14 @@ def scan_block(
             found["missing_where"] = f"{where}column {column!r}"
         found["moments"] = None if found["nonfinite"] else nan_moments(x, held_out)
     found["tally"] = tally_block(
-        table, x, held_out, source.categorical, label, source.label_names, found["missing"] > 0
+        table,
+        x,
+        held_out,
+        source.categorical,
+        label,
+        source.label_names,
+        found["missing"] > 0,
+        source.regression,
     )
     return found
 
@@ -213,13 +228,15 @@ class Found:
     seconds: float  # finding and scanning them
 
 
-def scan_files(cfg: DataConfig, threads: int, stop: threading.Event | None = None) -> Found:
+def scan_files(
+    cfg: DataConfig, threads: int, stop: threading.Event | None = None, task: str = "auto"
+) -> Found:
     """Find the files of ``cfg.path`` (and ``cfg.val_path``) and scan them if they are Parquet
     (``scan_parquet``: on ``threads`` threads, or as Ray tasks if 0)."""
     started = time.perf_counter()
     columns = (cfg.feature_columns, cfg.label_column, cfg.categorical_columns)
-    train = files.find(cfg.path, *columns)
-    plan = (train.feature_columns, train.categorical, train.label_names)
+    train = files.find(cfg.path, *columns, task=task)
+    plan = (train.feature_columns, train.categorical, train.label_names, train.regression)
     val = files.find(cfg.val_path, *columns, plan=plan) if cfg.val_path else None
     if train.format != "parquet" or (val is not None and val.format != "parquet"):
         return Found(train, val, None, None, time.perf_counter() - started)
@@ -242,10 +259,10 @@ class ScanAhead:
     raises what it raised (a DataError: the same one-line error as a scan after Ray's start);
     ``cancel()`` stops it after the row groups being read."""
 
-    def __init__(self, cfg: DataConfig, threads: int) -> None:
+    def __init__(self, cfg: DataConfig, threads: int, task: str = "auto") -> None:
         self._stop = threading.Event()
         pool = ThreadPoolExecutor(1, thread_name_prefix="raytrain-scan-ahead")
-        self._future = pool.submit(scan_files, cfg, threads, self._stop)
+        self._future = pool.submit(scan_files, cfg, threads, self._stop, task)
         pool.shutdown(wait=False)
 
     def result(self) -> Found:
@@ -261,12 +278,12 @@ class ScanAhead:
         self._stop.set()
 
 
-def scan_ahead(cfg: DataConfig, embedded: bool) -> ScanAhead | None:
+def scan_ahead(cfg: DataConfig, embedded: bool, task: str = "auto") -> ScanAhead | None:
     """The check of the data files, started now if the driver will scan them itself (files on
     an embedded Ray), so that it runs while torch and Ray load and Ray starts; else None."""
     if cfg.path is None or not embedded:
         return None
-    return ScanAhead(cfg, scan_threads(embedded=True))
+    return ScanAhead(cfg, scan_threads(embedded=True), task)
 
 
 class Scanned:
@@ -373,8 +390,9 @@ def _raise_for_bad_rows(source: Source, stats: dict[str, FileStats], missing_ok:
                 "value; fill them, or set data.missing=impute"
             )
         if s.null_labels:
+            what = "target (null, NaN or infinite)" if source.regression else "label"
             raise DataError(
-                f"{file}: {s.null_labels} row(s) have no label in column "
+                f"{file}: {s.null_labels} row(s) have no {what} in column "
                 f"{source.label_column!r}; drop them"
             )
         if s.label_min < 0:

@@ -111,6 +111,7 @@ class Tally:
     categories: list[Counter] = field(default_factory=list)  # per categorical column; None: null
     labels: Counter = field(default_factory=Counter)  # class (int, or name) -> training rows
     names: set = field(default_factory=set)  # a label of names: every name, held out or not
+    targets: list = field(default_factory=list)  # regression: the target's moments per block
 
     def add(self, other: Tally) -> None:
         for name in ("missing", "missing_any"):
@@ -123,6 +124,7 @@ class Tally:
             mine.update(theirs)
         self.labels.update(other.labels)
         self.names |= other.names
+        self.targets += other.targets
 
 
 def tally_block(
@@ -133,6 +135,7 @@ def tally_block(
     label: str | None,
     label_names: bool,
     any_missing: bool,
+    regression: bool = False,
 ) -> Tally:
     """The training rows' counts of one block (``held_out``: the rows the split holds out;
     ``any_missing``: whether ``x`` has a NaN, else it is not looked at again)."""
@@ -151,6 +154,12 @@ def tally_block(
     if label is None:
         return tally
     column = batch.column(label)
+    if regression:
+        y = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        y = y if train is None else y[train]
+        mean = float(y.mean()) if len(y) else 0.0
+        tally.targets.append({"n": len(y), "mean": [mean], "m2": [float(((y - mean) ** 2).sum())]})
+        return tally
     if label_names:
         values = as_strings(column)
         tally.labels = _value_counts(values if mask is None else values.filter(mask))
@@ -202,6 +211,7 @@ class Encoding:
     vocabularies: tuple[tuple[str, ...], ...] = ()
     label: str | None = None
     class_names: tuple[str, ...] | None = None  # a label of names; None: integers 0..k-1
+    target: tuple[float, float] | None = None  # regression: the training target's mean, std
 
     @property
     def features(self) -> int:
@@ -217,6 +227,11 @@ class Encoding:
     def plain(self) -> bool:
         """Whether rows are only numeric features (nothing to impute or code)."""
         return not self.categorical and not self.indicators
+
+    @property
+    def label_dtype(self) -> type:
+        """The dtype of ``labels``: float32 targets for regression, else int64 class indexes."""
+        return np.float32 if self.target is not None else np.int64
 
     def encode(self, batch: pa.Table) -> np.ndarray:
         """The rows' ``x`` (float32). A missing numeric value takes its fill value (an infinite
@@ -245,6 +260,9 @@ class Encoding:
     def labels(self, batch: pa.Table, column: str | None = None) -> np.ndarray:
         """The rows' class indexes (int64); -1 for a name outside the trained classes."""
         values = batch.column(column or self.label)
+        if self.target is not None:  # standardised: the model learns a target of scale 1
+            y = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+            return ((y - self.target[0]) / self.target[1]).astype(np.float32)
         if self.class_names is None:
             return values.to_numpy(zero_copy_only=False)
         index = pc.index_in(as_strings(values), value_set=pa.array(list(self.class_names)))
@@ -260,6 +278,7 @@ class Encoding:
             "vocabularies": [list(v) for v in self.vocabularies],
             "label": self.label,
             "class_names": None if self.class_names is None else list(self.class_names),
+            "target": None if self.target is None else list(self.target),
         }
 
     @classmethod
@@ -274,6 +293,7 @@ class Encoding:
             vocabularies=tuple(tuple(v) for v in d.get("vocabularies", ())),
             label=d.get("label"),
             class_names=None if names is None else tuple(names),
+            target=None if d.get("target") is None else tuple(d["target"]),
         )
 
 
@@ -293,6 +313,18 @@ def build_encoding(source, tally: Tally, moments: dict | None, max_categories: i
     missing = tally.missing if tally.missing is not None else np.zeros(width, dtype=np.int64)
     indicators = tuple(int(i) for i in np.flatnonzero(missing))
     names = tuple(sorted(tally.names)) if source.label_names else None
+    target = None
+    if source.regression:
+        n, m, m2 = 0, 0.0, 0.0  # Chan et al., as the features' moments combine
+        for part in tally.targets:
+            k = part["n"]
+            if k:
+                delta = part["mean"][0] - m
+                m += delta * k / (n + k)
+                m2 += part["m2"][0] + delta**2 * n * k / (n + k)
+                n += k
+        std = (m2 / n) ** 0.5 if n else 1.0
+        target = (m, std if std > 0 else 1.0)
     return Encoding(
         numeric=tuple(source.feature_columns),
         width=width,
@@ -303,4 +335,5 @@ def build_encoding(source, tally: Tally, moments: dict | None, max_categories: i
         or tuple(() for _ in source.categorical),
         label=source.label_column,
         class_names=names,
+        target=target,
     )

@@ -24,7 +24,9 @@ def convert_options(source) -> pcsv.ConvertOptions:
     types = {c: pa.float32() for c in source.feature_columns}
     types |= {c: pa.string() for c in source.categorical}
     if label is not None:
-        types[label] = pa.string() if source.label_names else pa.int64()
+        types[label] = (
+            pa.string() if source.label_names else pa.float64() if source.regression else pa.int64()
+        )
     return pcsv.ConvertOptions(
         column_types=types, include_columns=list(types), strings_can_be_null=True
     )
@@ -45,7 +47,7 @@ def find_bad_value(fs: pafs.FileSystem, file: str, source) -> str | None:
             ),
         )
     for column in checked:
-        kind = pa.int64() if column == label else pa.float32()
+        kind = pa.int64() if column == label and not source.regression else pa.float32()
         for row, value in enumerate(table[column].to_pylist()):
             if value is None:
                 continue

@@ -62,6 +62,7 @@ def build_datasets(
     copies_per_node: int = 1,
     scan_threads: int = 0,
     ahead: checks.ScanAhead | checks.Scanned | None = None,
+    task: str = "auto",
 ) -> Datasets:
     """Ray Datasets for the train and validation splits (needs a connected Ray), and the
     training split's feature statistics when ``cfg.normalize`` asks for scaling.
@@ -74,7 +75,9 @@ def build_datasets(
     if cfg.path is None:
         datasets = _synthetic_datasets(cfg)
     else:
-        found = ahead.result() if ahead is not None else checks.scan_files(cfg, scan_threads)
+        found = (
+            ahead.result() if ahead is not None else checks.scan_files(cfg, scan_threads, task=task)
+        )
         datasets = _file_datasets(cfg, found, workers, copies_per_node, scan_threads)
     if datasets.train is None:  # Parquet: the scan already measured what scaling needs
         return datasets
@@ -211,7 +214,9 @@ def _encoding(
 
 
 def _classes(stats: dict[str, checks.FileStats], encoding: Encoding) -> int:
-    """Classes: the trained names, or the largest integer label + 1."""
+    """Classes: the trained names, or the largest integer label + 1 (regression: 1 output)."""
+    if encoding.target is not None:
+        return 1
     if encoding.class_names is not None:
         return len(encoding.class_names)
     return max(s.label_max for s in stats.values() if s.rows) + 1
@@ -219,6 +224,8 @@ def _classes(stats: dict[str, checks.FileStats], encoding: Encoding) -> int:
 
 def _label_counts(tally: Tally, encoding: Encoding, classes: int) -> tuple[int, ...]:
     """Training rows per class (for class weights), in class order."""
+    if encoding.target is not None:
+        return ()
     if encoding.class_names is not None:
         return tuple(tally.labels.get(name, 0) for name in encoding.class_names)
     return tuple(tally.labels.get(k, 0) for k in range(classes))

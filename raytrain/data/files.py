@@ -48,6 +48,7 @@ class Source:
     row_groups: tuple[tuple[str, int, int], ...] = ()
     categorical: tuple[str, ...] = ()  # feature columns taken as categories
     label_names: bool = False  # the label holds names (strings, booleans), not class indexes
+    regression: bool = False  # the label is a numeric target (model.task)
 
     @property
     def columns(self) -> list[str]:
@@ -91,14 +92,17 @@ def find(
     also: Sequence[str] = (),
     hint: str = _COLUMNS_HINT,
     plan: tuple | None = None,
+    task: str = "auto",
 ) -> Source:
     """List the Parquet or CSV files at ``path`` and check their columns and types (footers and
     headers only): the features (None: every column but the label and ``also``), the label (if
     any) and the columns ``also`` named; ``hint`` is what an error about a missing column
     advises. Each feature column is numeric or categorical by its type in the first file
     (strings, booleans, dictionaries: categorical), or categorical if ``categorical`` names it.
-    ``plan``: (numeric, categorical, label_names) decided already (the training files', for
-    separate validation files; a trained model's, for prediction)."""
+    ``task``: model.task, which decides with the label's type whether it is a class or a
+    regression target. ``plan``: (numeric, categorical, label_names, regression) decided
+    already (the training files', for separate validation files; a trained model's, for
+    prediction)."""
     try:
         where = Location.of(path)  # a local path made absolute, or a URI
     except StorageError as e:
@@ -114,11 +118,13 @@ def find(
     kind = "csv" if kinds == {".csv"} else "parquet"
     schema = _read_schema(fs, files[0], kind)
     if plan is None:
-        plan = _plan(files[0], schema, feature_columns, label_column, categorical, also, hint)
-    numeric, categories, label_names = plan
+        plan = _plan(
+            files[0], schema, (feature_columns, label_column, categorical, also, hint), task
+        )
+    numeric, categories, label_names, regression = plan
     width = None
     row_groups: list[tuple[str, int, int]] = []
-    wanted = (numeric, categories, label_column, label_names, tuple(also), hint)
+    wanted = (numeric, categories, label_column, label_names or regression, tuple(also), hint)
     for file in files:
         file_width, groups = _check_schema(fs, file, wanted, kind)
         row_groups += [(file, i, rows) for i, rows in enumerate(groups)]
@@ -138,20 +144,16 @@ def find(
         tuple(row_groups),
         categories,
         label_names,
+        regression,
     )
 
 
 def _plan(
-    file: str,
-    schema: pa.Schema,
-    feature_columns: Sequence[str] | None,
-    label: str | None,
-    categorical: Sequence[str] | None,
-    also: Sequence[str],
-    hint: str,
-) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-    """Which feature columns are numeric and which categorical, and whether the label holds
-    names, from the first file's schema and the config."""
+    file: str, schema: pa.Schema, wanted: tuple, task: str
+) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
+    """Which feature columns are numeric and which categorical, whether the label holds names
+    and whether it is a regression target, from the first file's schema and the config."""
+    feature_columns, label, categorical, also, hint = wanted
     names = schema.names
     for column in (*(feature_columns or ()), *([label] if label else []), *(categorical or ())):
         if column not in names:
@@ -171,8 +173,24 @@ def _plan(
         c for c in feature_columns if c in named or is_categorical_type(schema.field(c).type)
     )
     numeric = tuple(c for c in feature_columns if c not in categories)
-    label_names = label is not None and is_categorical_type(schema.field(label).type)
-    return numeric, categories, label_names
+    if label is None:
+        return numeric, categories, False, False
+    kind = schema.field(label).type
+    label_names = is_categorical_type(kind)
+    if task == "auto":
+        task = "regression" if pa.types.is_floating(kind) else "classification"
+    if task == "regression" and not _numeric(kind):
+        raise DataError(
+            f"{file}: label column {label!r} is {kind}; model.task regression needs a numeric "
+            "target (or set model.task=classification for class names)"
+        )
+    if task == "classification" and pa.types.is_floating(kind):
+        raise DataError(
+            f"{file}: label column {label!r} is {kind}; classification needs class indexes "
+            "0..k-1 or class names (or set model.task=regression for a numeric target)"
+        )
+    regression = task == "regression"
+    return numeric, categories, label_names and not regression, regression
 
 
 def _read_schema(fs: pafs.FileSystem, file: str, kind: str) -> pa.Schema:
@@ -209,7 +227,7 @@ def _width(file: str, schema: pa.Schema, wanted: tuple, kind: str) -> int | None
     if kind == "csv":
         return len(feature_columns)  # types are checked value by value as the rows are read
     label_type = schema.field(label).type if label else pa.int64()
-    if not label_names and not pa.types.is_integer(label_type):
+    if not label_names and not pa.types.is_integer(label_type):  # label_names: or a target
         raise DataError(
             f"{file}: label column {label!r} is {label_type}; labels must be integers "
             "0..classes-1, or names (strings, booleans)"

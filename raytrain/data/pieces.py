@@ -74,6 +74,11 @@ class PieceSet:
         return piece.rows - piece.val_rows if self.keep == "train" else piece.rows
 
     @property
+    def label_dtype(self) -> type:
+        """float32 for a regression target, else int64 class indexes."""
+        return self.encoding.label_dtype if self.encoding is not None else np.int64
+
+    @property
     def total_rows(self) -> int:
         return sum(self.rows(p) for p in self.pieces)
 
@@ -98,10 +103,10 @@ class PieceSet:
         if self.keep == "all" or not self.val_fraction:
             if self.keep == "val":
                 return x[:0].copy(), y[:0].copy()
-            return np.array(x), np.array(y, dtype=np.int64)
+            return np.array(x), np.array(y, dtype=self.label_dtype)
         held_out = self.held_out(piece, x)
         rows = held_out if self.keep == "val" else ~held_out
-        return _take(rows, x), _take(rows, y).astype(np.int64, copy=False)
+        return _take(rows, x), _take(rows, y).astype(self.label_dtype, copy=False)
 
     def read(
         self, pieces: Sequence[Piece], ahead: bool = True, pick: Callable | None = None
@@ -228,7 +233,7 @@ class HeldOut:
         if not hashed or not train.val_fraction:
             return None
         shares = train.deal(world)
-        row_bytes = 4 * features + 8  # float32 features, an int64 label
+        row_bytes = 4 * features + 8  # float32 features, an int64 label (or float32 target)
         largest = max(sum(p.val_rows for p in share) for share in shares) * row_bytes
         return cls(train, shares[rank]) if largest <= budget else None
 
@@ -238,9 +243,10 @@ class HeldOut:
         held_out = self.split.held_out(piece, x)
         key = (piece.file, piece.row_group)
         if key not in self.kept:
-            self.kept[key] = (_take(held_out, x), _take(held_out, y).astype(np.int64, copy=False))
+            label = _take(held_out, y).astype(self.split.label_dtype, copy=False)
+            self.kept[key] = (_take(held_out, x), label)
         train = ~held_out
-        return _take(train, x), _take(train, y).astype(np.int64, copy=False)
+        return _take(train, x), _take(train, y).astype(self.split.label_dtype, copy=False)
 
     def rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The held-out rows of the share, piece by piece: kept, or read now (and kept)."""
@@ -314,8 +320,9 @@ def read_share(
     same = train.pieces == val.pieces and (train.keep, val.keep) == ("train", "val")
     val_first, val_end = (first, end) if same else runs_of(val, world)[rank]
     val_rows = sum(val.rows(p) for p in val.pieces[val_first:val_end])
-    x, y = empty((train.total_rows, features), np.float32), empty(train.total_rows, np.int64)
-    val_x, val_y = empty((val_rows, features), np.float32), empty(val_rows, np.int64)
+    label = train.label_dtype
+    x, y = empty((train.total_rows, features), np.float32), empty(train.total_rows, label)
+    val_x, val_y = empty((val_rows, features), np.float32), empty(val_rows, label)
     arrays = [(x, y), (val_x, val_y)]
     filled = [bounds[rank][0], 0]
 

@@ -17,7 +17,8 @@ def xy_table(x: np.ndarray, y: np.ndarray) -> pa.Table:
     return pa.table(
         {
             FEATURES: pa.FixedSizeListArray.from_arrays(flat, x.shape[1]),
-            LABEL: pa.array(np.asarray(y, dtype=np.int64)),
+            # Class indexes as int64; a regression target stays float32.
+            LABEL: pa.array(y if np.asarray(y).dtype == np.float32 else np.asarray(y, np.int64)),
         }
     )
 

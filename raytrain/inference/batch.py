@@ -118,12 +118,14 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
     """Read one unit, predict, write its file; the unit's rows, loss sum and confusion."""
     import torch
 
-    from raytrain.evaluate import tally_logits
+    from raytrain.evaluate import regression_loss, regression_sums, tally_logits
 
     started = time.perf_counter()
     fs, classes = job.source.filesystem, trained.classes
+    target_stats = trained.encoding.target if trained.encoding is not None else None
     columns = list(dict.fromkeys([*job.source.columns, *job.keep]))
     loss_sum, confusion = 0.0, torch.zeros(classes, classes, dtype=torch.int64)
+    sums = torch.zeros(5, dtype=torch.float64)
     done = unit.first_row
     target = job.staging / unit.out_name
     with fs.open_input_file(unit.file) as source, fs.open_output_stream(target.path) as stream:
@@ -137,13 +139,27 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
             x = _features(table, job, trained, unit.file, done)
             with torch.no_grad():
                 logits = model(torch.from_numpy(x))
+            out = table.select(list(job.keep))
+            if target_stats is not None:  # regression: the value in the target's units
+                predicted = logits.squeeze(1)
+                if job.label is not None:
+                    y = torch.from_numpy(_labels(table, job.label, trained, unit.file, done))
+                    loss_sum += regression_loss(predicted, y, "mse").item()
+                    sums += regression_sums(predicted, y)
+                mean, std = target_stats
+                value = predicted.double().numpy() * std + mean
+                out = out.append_column(PREDICTION, pa.array(value))
+                if writer is None:
+                    writer = pq.ParquetWriter(stream, out.schema)
+                writer.write_table(out)
+                done += len(table)
+                continue
             probabilities = torch.softmax(logits, dim=1).numpy()
             if job.label is not None:
                 y = _labels(table, job.label, trained, unit.file, done)
                 loss, counts = tally_logits(logits, torch.from_numpy(y), classes)
                 loss_sum += loss.item()
                 confusion += counts
-            out = table.select(list(job.keep))
             out = out.append_column(PREDICTION, _predictions(probabilities, trained))
             flat = pa.array(probabilities.reshape(-1))
             out = out.append_column(PROBABILITIES, pa.FixedSizeListArray.from_arrays(flat, classes))
@@ -152,7 +168,7 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
             writer.write_table(out)
             done += len(table)
         if writer is None:  # a unit of empty row groups: still a file, with the schema
-            schema = output_schema(job, classes, reader.schema_arrow, trained.class_names)
+            schema = output_schema(job, classes, reader.schema_arrow, trained)
             writer = pq.ParquetWriter(stream, schema)
         writer.close()
     return {
@@ -160,6 +176,7 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
         "rows": done - unit.first_row,
         "loss_sum": loss_sum,
         "confusion": confusion.numpy().reshape(-1),
+        "sums": sums.numpy(),
         "seconds": time.perf_counter() - started,
     }
 
@@ -172,11 +189,15 @@ def _predictions(probabilities: np.ndarray, trained) -> pa.Array:
     return pa.array(np.asarray(trained.class_names, dtype=object)[best], pa.string())
 
 
-def output_schema(
-    job: Job, classes: int, schema: pa.Schema, class_names: tuple[str, ...] | None = None
-) -> pa.Schema:
+def output_schema(job: Job, classes: int, schema: pa.Schema, trained=None) -> pa.Schema:
     """The output's columns: the kept ones, the class (index, or name) and the class
-    probabilities (in the order of the class indexes, or of ``class_names``)."""
+    probabilities (in the order of the class indexes, or of the class names); for a
+    regression, the kept ones and the predicted value."""
+    encoding = trained.encoding if trained is not None else None
+    if encoding is not None and encoding.target is not None:
+        kept = [schema.field(name) for name in job.keep]
+        return pa.schema([*kept, pa.field(PREDICTION, pa.float64())])
+    class_names = encoding.class_names if encoding is not None else None
     return pa.schema(
         [
             *(schema.field(name) for name in job.keep),
@@ -218,6 +239,12 @@ def _labels(table: pa.Table, label: str, trained, file: str, before: int) -> np.
     if column.null_count:
         row = before + int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
         raise DataError(f"{file}: row {row} has no {label!r}; --label needs a label on every row")
+    if trained.encoding is not None and trained.encoding.target is not None:
+        y = trained.encoding.labels(table, label)  # standardised, as the model learned it
+        if not np.isfinite(y).all():
+            row = int(np.argmax(~np.isfinite(y)))
+            raise DataError(f"{file}: row {before + row} has a {label!r} that is not a number")
+        return y
     if names is not None:
         y = trained.encoding.labels(table, label)
         if (y < 0).any():
@@ -279,7 +306,7 @@ def run(
         num_cpus=cpus_per_worker,
     )
     classes = None
-    rows, loss_sum, confusion, busy = 0, 0.0, None, 0.0
+    rows, loss_sum, confusion, busy, sums = 0, 0.0, None, 0.0, np.zeros(5)
     # Ray Data's actor pool makes the driver's core worker log a line about restarting actors
     # whose arguments are in the object store, on stderr whatever the log level: shown only
     # with --verbose (an error still arrives here as an exception).
@@ -291,6 +318,7 @@ def run(
                 confusion = counts if confusion is None else confusion + counts
                 rows += int(outcome["rows"])
                 loss_sum += float(outcome["loss_sum"])
+                sums = sums + np.asarray(outcome["sums"], dtype=np.float64)
                 busy += float(outcome["seconds"])
                 progress(rows)
     except Exception as e:
@@ -301,7 +329,13 @@ def run(
     if confusion is not None:
         classes = int(round(len(confusion) ** 0.5))
         confusion = confusion.reshape(classes, classes)
-    return {"rows": rows, "loss_sum": loss_sum, "confusion": confusion, "actor_seconds": busy}
+    return {
+        "rows": rows,
+        "loss_sum": loss_sum,
+        "confusion": confusion,
+        "sums": sums.tolist(),
+        "actor_seconds": busy,
+    }
 
 
 def user_error_in(error: BaseException) -> UserError | None:

@@ -38,7 +38,7 @@ def to_bytes(trained, fmt: str) -> tuple[bytes, float]:
     on sample rows. ExportError if the model cannot be exported or the file does not agree."""
     import torch
 
-    model = trained.model()
+    model = trained.export_model()
     rows = sample_rows(trained)
     with torch.no_grad():
         expected = model(rows).numpy()
@@ -66,10 +66,25 @@ def sample_rows(trained):
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(CHECK_ROWS, trained.features, generator=generator)
+    encoding = trained.encoding
+    if encoding is None or (encoding.plain and encoding.target is None):
+        x = torch.randn(CHECK_ROWS, trained.features, generator=generator)
+        if trained.scaling is not None:
+            x = x * torch.tensor(trained.scaling.std) + torch.tensor(trained.scaling.mean)
+        return x.float()
+    # Raw rows: numeric features (a tenth of them missing), then categorical codes.
+    width = encoding.width
+    x = torch.randn(CHECK_ROWS, width, generator=generator)
     if trained.scaling is not None:
-        x = x * torch.tensor(trained.scaling.std) + torch.tensor(trained.scaling.mean)
-    return x.float()
+        x = x * torch.tensor(trained.scaling.std[:width]) + torch.tensor(
+            trained.scaling.mean[:width]
+        )
+    x = torch.where(torch.rand(CHECK_ROWS, width, generator=generator) < 0.1, float("nan"), x)
+    codes = [
+        torch.randint(0, n, (CHECK_ROWS, 1), generator=generator).float()
+        for n in encoding.cardinalities
+    ]
+    return torch.cat([x, *codes], dim=1).float()
 
 
 def _onnx(model, trained) -> bytes:

@@ -37,6 +37,34 @@ class ScaledModel(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+class RawModel(nn.Module):
+    """A trained model that takes raw rows, for export: the numeric features as they come (NaN
+    where missing), then one integer code per categorical column (the encoding's vocabularies:
+    0 a missing value, 1 one outside the vocabulary, 2 + i the vocabulary's i-th value). The
+    imputation (the training mean, and the "was missing" features) and the scaling are in the
+    graph; a regression's output is in the target's own units."""
+
+    def __init__(self, scaled: ScaledModel, encoding: Encoding):
+        super().__init__()
+        self.scaled = scaled
+        self.width = encoding.width
+        self.register_buffer("fill", torch.tensor(encoding.fill, dtype=torch.float32))
+        self.register_buffer("indicators", torch.tensor(encoding.indicators, dtype=torch.long))
+        target = encoding.target or (0.0, 1.0)
+        self.regression = encoding.target is not None
+        self.register_buffer("target", torch.tensor(target, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        numeric, codes = x[:, : self.width], x[:, self.width :]
+        missing = torch.isnan(numeric)
+        filled = torch.where(missing, self.fill, numeric)
+        flags = missing.index_select(1, self.indicators).to(x.dtype)
+        out = self.scaled(torch.cat([filled, flags, codes], dim=1))
+        if self.regression:
+            out = out * self.target[1] + self.target[0]
+        return out
+
+
 @dataclass(frozen=True)
 class Trained:
     """What a checkpoint holds, checked: the run's config, the data's shape, the scaling and the
@@ -69,6 +97,21 @@ class Trained:
         model.load_state_dict(self.weights)
         return ScaledModel(model, self.scaling, self.features).eval()
 
+    @property
+    def raw_features(self) -> int:
+        """Features per raw row an export takes: numeric, then one code per categorical column
+        (without the "was missing" features, which the graph makes)."""
+        if self.encoding is None:
+            return self.features
+        return self.encoding.width + len(self.encoding.categorical)
+
+    def export_model(self) -> nn.Module:
+        """``model()``, taking raw rows (``RawModel``) when the run encoded its columns."""
+        model = self.model()
+        if self.encoding is None or (self.encoding.plain and self.encoding.target is None):
+            return model
+        return RawModel(model, self.encoding).eval()
+
     def describe(self) -> dict[str, Any]:
         """What an exported file or a prediction records about its model."""
         return {
@@ -81,6 +124,7 @@ class Trained:
             "class_names": None if self.class_names is None else list(self.class_names),
             "categorical_columns": list(self.encoding.categorical if self.encoding else ()),
             "scaled": self.scaling is not None,
+            "encoding": self.encoding.to_dict() if self.encoding is not None else None,
         }
 
 

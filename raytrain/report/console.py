@@ -91,14 +91,18 @@ class Console:
         saved = "  checkpoint" if row.get("checkpoint") else ""
         # Validation's columns, or as many blanks in an epoch that was not validated.
         val = " " * len(f"  val_loss {0:.4f}  val_acc {0:6.1%}")
-        if "val_loss" in row:
+        if "val_rmse" in row:  # regression: the error in the target's units, and R^2
+            val = f"  val_loss {row['val_loss']:.4f}  val_rmse {row['val_rmse']:.4g}"
+            val += f"  val_r2 {row['val_r2']:.3f}"
+        elif "val_loss" in row:
             val = f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:6.1%}"
+        acc = f"  acc {row['accuracy']:6.1%}" if "accuracy" in row else ""
         with self._lock:
             if self._progress is not None:
                 self._advance(row, epochs)  # first, so the bar redrawn below the line is current
             self.line(
-                f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  loss {row['loss']:.4f}  "
-                f"acc {row['accuracy']:6.1%}{val}  {row['samples_per_s']:>9,.0f} samples/s  "
+                f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  loss {row['loss']:.4f}"
+                f"{acc}{val}  {row['samples_per_s']:>9,.0f} samples/s  "
                 f"{row['epoch_time_s']:.3f} s{saved}"
             )
 
@@ -106,10 +110,13 @@ class Console:
         which = ""
         if best is not None and best.get("epoch") is not None:
             which = f"; the checkpoint of epoch {best['epoch']}, best by {best['metric']}"
-        self.line(
-            f"validation  acc {val['accuracy']:.1%}  loss {val['loss']:.4f}  "
-            f"({val['rows']:,} held-out rows, on {_workers(val)}{which})"
-        )
+        if "rmse" in val:
+            what = f"rmse {val['rmse']:.4g}  mae {val['mae']:.4g}  r2 {val['r2']:.3f}"
+        else:
+            what = f"acc {val['accuracy']:.1%}  loss {val['loss']:.4f}"
+            if val.get("auc") is not None:
+                what += f"  auc {val['auc']:.3f}"
+        self.line(f"validation  {what}  ({val['rows']:,} held-out rows, on {_workers(val)}{which})")
 
     def start(self, epochs: int) -> None:
         """Show the live progress bar (on a terminal; elsewhere this does nothing)."""
@@ -171,8 +178,9 @@ class Console:
             total=epochs,
             description=f"epoch {epoch}/{epochs}",
             stats=(
-                f"loss {row['loss']:.4f} acc {row['accuracy']:.1%} "
-                f"{row['samples_per_s']:,.0f} samples/s"
+                f"loss {row['loss']:.4f} "
+                + (f"acc {row['accuracy']:.1%} " if "accuracy" in row else "")
+                + f"{row['samples_per_s']:,.0f} samples/s"
             ),
             finish_at=finish_at,
             refresh=True,

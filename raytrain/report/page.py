@@ -88,7 +88,7 @@ def render_html(run: RunFiles, png: bytes) -> str:
             [
                 str(row["epoch"]),
                 f"{row['loss']:.4f}",
-                f"{row['accuracy']:.1%}",
+                _num(row.get("accuracy"), "{:.1%}"),
                 _num(row.get("val_loss"), "{:.4f}"),
                 _num(row.get("val_accuracy"), "{:.1%}"),
                 _num(row.get("lr"), "{:.3g}"),

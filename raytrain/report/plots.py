@@ -45,11 +45,18 @@ def render_png(run: RunFiles, dpi: int = 100) -> bytes:
     validation = dict((results or {}).get("validation") or {})
     validation["epoch"] = ((results or {}).get("best") or {}).get("epoch")
     last_epoch = rows[-1]["epoch"] if rows else (results or {}).get("epochs", 1)
-    _metric_panel(loss_ax, rows, validation, last_epoch, "loss", "cross-entropy loss", 1, "{:.4f}")
-    _metric_panel(acc_ax, rows, validation, last_epoch, "accuracy", "accuracy (%)", 100, "{:.1f}%")
+    regression = "rmse" in validation or any("val_rmse" in row for row in rows)
+    loss = "loss (standardised target)" if regression else "cross-entropy loss"
+    _metric_panel(loss_ax, rows, validation, last_epoch, "loss", loss, 1, "{:.4f}")
     loss_ax.set_title("Loss per epoch, training and validation (lower is better)")
-    acc_ax.set_title("Accuracy per epoch, training and validation")
-    if rows or validation.get("accuracy") is not None:
+    if regression:
+        _pairs_panel(acc_ax, validation)
+    else:
+        _metric_panel(
+            acc_ax, rows, validation, last_epoch, "accuracy", "accuracy (%)", 100, "{:.1f}%"
+        )
+        acc_ax.set_title("Accuracy per epoch, training and validation")
+    if not regression and (rows or validation.get("accuracy") is not None):
         seen = [row[k] * 100 for row in rows for k in ("accuracy", "val_accuracy") if k in row]
         low = min(seen + [(validation.get("accuracy") or 1) * 100])
         acc_ax.set_ylim(max(0.0, low - 5), 101)
@@ -112,6 +119,29 @@ def _metric_panel(ax, rows, validation, last_epoch: int, key, label, scale, fmt)
     _epoch_axis(ax, epochs[0] if epochs else last_epoch, last_epoch)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=10)
+
+
+def _pairs_panel(ax, validation: dict[str, Any]) -> None:
+    """Regression: the chosen checkpoint's predictions against the actual values of held-out
+    rows (up to a few thousand), the line where they would be equal, and, inset, how the
+    residuals (predicted - actual) spread."""
+    pairs = validation.get("pairs") or []
+    ax.set_title("Predicted against actual, held-out rows (the chosen checkpoint)")
+    ax.set_xlabel("actual")
+    ax.set_ylabel("predicted")
+    if not pairs:
+        _empty(ax, "no predictions recorded", y=0.5)
+        return
+    actual, predicted = zip(*pairs, strict=True)
+    low, high = min(*actual, *predicted), max(*actual, *predicted)
+    ax.plot([low, high], [low, high], "--", color="gray", linewidth=1, label="predicted = actual")
+    label = f"{len(pairs):,} rows: RMSE {validation['rmse']:.4g}, R\u00b2 {validation['r2']:.3f}"
+    ax.scatter(actual, predicted, s=6, alpha=0.4, color=_VAL, label=label)
+    ax.legend(loc="upper left", fontsize=10)
+    inset = ax.inset_axes([0.62, 0.08, 0.35, 0.3])
+    inset.hist([p - a for a, p in pairs], bins=40, color=_TRAIN)
+    inset.set_title("residuals (predicted - actual)", fontsize=8)
+    inset.tick_params(labelsize=7)
 
 
 def _epoch_axis(ax, first: int, last: int) -> None:

@@ -101,6 +101,7 @@ CHECKED_FIELDS = (
     "data.categorical_columns",
     "data.missing",
     "data.val_fraction",
+    "model.task",
 )
 
 
@@ -119,6 +120,8 @@ def shared_check(cfg: config.Config, plan, ahead):
     from raytrain.data.checks import scan_files, scan_threads
 
     found = (
-        ahead.result() if ahead is not None else scan_files(cfg.data, scan_threads(plan.embedded))
+        ahead.result()
+        if ahead is not None
+        else scan_files(cfg.data, scan_threads(plan.embedded), task=cfg.model.task)
     )
     return ray.put(found)

@@ -123,7 +123,8 @@ def piece_batches(
     for step, (xb, yb) in enumerate(local_batches(windows, local_batch), start=1):
         yield xb, yb, global_rows(step - 1)
     for later in range(step, steps):  # this worker's rows ran out before the others'
-        yield torch.zeros(0, features), torch.zeros(0, dtype=torch.int64), global_rows(later)
+        label = torch.from_numpy(np.empty(0, pieces.label_dtype)).dtype
+        yield torch.zeros(0, features), torch.zeros(0, dtype=label), global_rows(later)
 
 
 def val_batches_of(arrays: Iterator[tuple[np.ndarray, np.ndarray]], scale: Callable):

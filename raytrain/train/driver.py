@@ -68,6 +68,7 @@ def build_trainer(
         categories=datasets.encoding.cardinalities if datasets.encoding else (),
         class_weights=class_weights(cfg, datasets),
         encoding=datasets.encoding.to_dict() if datasets.encoding else None,
+        target=datasets.encoding.target if datasets.encoding else None,
     )
     # Streamed CSV: Ray Train shards the Ray Datasets. Parquet's workers read their row groups.
     streamed = datasets.ingest == "stream" and datasets.train is not None
@@ -225,6 +226,7 @@ def run(
         if plan.embedded:  # its process starts while the data is prepared, not inside fit()
             cluster.start_autoscaling_coordinator()
         datasets = _prepare(cfg, plan, console, ahead)
+        check_same_encoding(run_dir, datasets)
         clock = {"started": started, "prepared": time.perf_counter()}
         results = _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock)
     except BaseException as e:
@@ -245,16 +247,64 @@ def _prepare(
 ) -> Datasets:
     """The run's datasets, said on the console."""
     datasets = build_datasets(
-        cfg.data, plan.workers, plan.copies_per_node, scan_threads(plan.embedded), ahead
+        cfg.data,
+        plan.workers,
+        plan.copies_per_node,
+        scan_threads(plan.embedded),
+        ahead,
+        cfg.model.task,
     )
     console.line(
-        f"{'data':>7}  {datasets.source}; {datasets.features} features, "
-        f"{datasets.classes} classes; {datasets.train_rows:,} train / "
-        f"{datasets.val_rows:,} held-out rows"
+        f"{'data':>7}  {datasets.source}; {shape_line(cfg, datasets)}; "
+        f"{datasets.train_rows:,} train / {datasets.val_rows:,} held-out rows"
     )
     if datasets.ingest == "stream":
         check_streamed_batch(cfg, plan)
     return datasets
+
+
+def check_same_encoding(run_dir: Location, datasets: Datasets) -> None:
+    """A resumed run must see its columns as it did: the same vocabularies, imputation values and
+    classes (bit for bit) as its latest checkpoint, or the weights it resumes would read codes
+    that now mean other values. UserError naming what changed otherwise."""
+    from raytrain.train import checkpoint
+
+    latest = runs.latest_checkpoint(run_dir)
+    if latest is None or datasets.encoding is None:
+        return
+    stored = checkpoint.load_at(latest).get("encoding")
+    now = datasets.encoding.to_dict()
+    if stored is None or stored == now:
+        return
+    changed = next(k for k in now if now[k] != stored.get(k))
+    raise UserError(
+        f"the data's {changed} differ from those the run was trained with ({latest.name}): a "
+        "resumed run must train on the same data; start a new run for new data"
+    )
+
+
+def shape_line(cfg: Config, datasets: Datasets) -> str:
+    """What the model sees and what it learns, for the data line: the columns by type and the
+    task (said as decided when model.task is auto); numeric-only data with class indexes keeps
+    the short form."""
+    enc = datasets.encoding
+    if enc is None or (enc.plain and enc.target is None and enc.class_names is None):
+        return f"{datasets.features} features, {datasets.classes} classes"
+    numeric = len(enc.numeric) if len(enc.numeric) > 1 else enc.width
+    columns = f"{numeric} numeric"
+    if enc.indicators:
+        columns += f" ({len(enc.indicators)} with missing values: imputed)"
+    if enc.categorical:
+        columns += f", {len(enc.categorical)} categorical"
+    decided = " (model.task auto)" if cfg.model.task == "auto" else ""
+    if enc.target is not None:
+        mean, std = enc.target
+        task = f"regression of {enc.label!r}{decided}, mean {mean:.4g} std {std:.4g}"
+    elif enc.class_names is not None:
+        task = f"classification{decided} into {datasets.classes} classes of {enc.label!r}"
+    else:
+        task = f"classification{decided} into {datasets.classes} classes"
+    return f"{columns} columns -> {datasets.features} features; {task}"
 
 
 def _train(cfg, plan, datasets, run_dir, console, fail_at, report, tracker, clock):

@@ -32,7 +32,7 @@ from raytrain.config import Config, TrainConfig
 from raytrain.data.pieces import HeldOut, PieceSet, read_share
 from raytrain.data.scaling import Scaling
 from raytrain.data.tables import to_arrays, to_tensors
-from raytrain.evaluate import tally
+from raytrain.evaluate import regression_loss, regression_metrics, tally, tally_regression
 from raytrain.model import build_model, unwrap
 from raytrain.runs import checkpoint_name
 from raytrain.storage import Location
@@ -84,6 +84,7 @@ class LoopArgs:
     categories: tuple[int, ...] = ()  # codes per categorical column (the last features)
     class_weights: tuple[float, ...] | None = None  # train.class_weight: balanced
     encoding: dict[str, Any] | None = None  # files: raytrain.data.columns.Encoding, for checkpoints
+    target: tuple[float, float] | None = None  # regression: the target's mean and std
 
 
 def train_epoch(
@@ -93,6 +94,7 @@ def train_epoch(
     world: int,
     grad_clip: float | None = None,
     class_weights: torch.Tensor | None = None,
+    regression: str | None = None,
 ) -> dict[str, float]:
     """One epoch over this worker's batches; returns its own loss sum, correct count, rows, the
     seconds spent in forward, backward and the optimizer step (the rest is waiting for data), and
@@ -106,7 +108,10 @@ def train_epoch(
     for step, (xb, yb, global_rows) in enumerate(batches, start=1):
         step_started = time.perf_counter()
         logits = model(xb)
-        summed = F.cross_entropy(logits, yb, weight=class_weights, reduction="sum")
+        if regression is None:
+            summed = F.cross_entropy(logits, yb, weight=class_weights, reduction="sum")
+        else:  # train.loss on the standardised target
+            summed = regression_loss(logits.squeeze(1), yb, regression)
         optimizer.zero_grad(set_to_none=True)
         # DDP divides by world; this makes the step's gradient the mean over the global batch.
         (summed * (world / global_rows)).backward()
@@ -114,7 +119,8 @@ def train_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         loss_sum += summed.detach()
-        correct += (logits.argmax(dim=1) == yb).sum()
+        if regression is None:
+            correct += (logits.argmax(dim=1) == yb).sum()
         # Without a branch on the value: no sync, and the first bad step stays.
         bad = ~torch.isfinite(summed.detach()) & (first_bad == 0)
         first_bad = torch.where(bad, step, first_bad)
@@ -198,6 +204,25 @@ def memory_data(args: LoopArgs, rank: int, world: int) -> tuple[Callable[[int], 
         )
 
     return train_batches, val_batches
+
+
+def validate_regression(
+    model: torch.nn.Module, batches, args: LoopArgs, world: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """``validate`` of a regression: the loss and the sums of RMSE, MAE and R^2, summed over
+    the workers in one all-reduce; the pairs of (actual, predicted) this worker kept."""
+    started = time.perf_counter()
+    loss_sum, sums, pairs = tally_regression(unwrap(model), batches, args.config.train.loss)
+    mine = {"val_loss_sum": loss_sum, "val_correct": 0.0, "val_rows": float(sums[4].item())}
+    packed = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), sums])
+    if world > 1:
+        torch.distributed.all_reduce(packed)
+    whole = {"task": "regression", "loss_sum": packed[0].item(), "sums": packed[1:].tolist()}
+    mean, std = args.target
+    whole["pairs"] = [[a * std + mean, p * std + mean] for a, p in pairs]
+    whole.update(regression_metrics(whole["sums"], args.target))
+    mine["val_time_s"] = time.perf_counter() - started
+    return mine, whole
 
 
 def validate(
@@ -301,17 +326,25 @@ class Worker:
         started_at, started = time.time(), time.perf_counter()
         weights = self.args.class_weights
         weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
-        local = train_epoch(self.model, self.optimizer, batches, self.world, cfg.grad_clip, weights)
+        regression = cfg.loss if self.args.target is not None else None
+        local = train_epoch(
+            self.model, self.optimizer, batches, self.world, cfg.grad_clip, weights, regression
+        )
         local.update(epoch_time_s=time.perf_counter() - started, started_at=started_at)
         whole = None
         if validation_due(done, cfg):
-            mine, whole = validate(self.model, self.val_batches(), self.args.classes, self.world)
+            mine, whole = self.validate()
             local.update(mine)
         else:
             local.update(NOT_VALIDATED)
         stats = gather_epoch(local, self.world)
         totals = {**epoch_totals(done, stats), "lr": lr}
-        if whole is not None:
+        if self.args.target is not None:  # regression: no accuracy, its errors instead
+            totals.pop("accuracy")
+            totals.pop("val_accuracy", None)
+            if whole is not None:
+                totals.update({f"val_{k}": whole[k] for k in ("rmse", "mae", "r2")})
+        elif whole is not None:
             totals.update(validation_totals(whole, totals["val_rows"]))
         # The same gathered numbers on every worker: all stop together, none checkpoints.
         bad = not_finite(totals, stats)
@@ -321,7 +354,7 @@ class Worker:
         new_best = cfg.checkpoint_best and self.watch.best_epoch == done
         save = not bad and (checkpoint_due(done, cfg) or stop or new_best)
         if save and whole is None:  # the metric is a training one, between validations
-            _, whole = validate(self.model, self.val_batches(), self.args.classes, self.world)
+            _, whole = self.validate()
         self.scheduler.step()  # first: a checkpoint holds the schedule of the epoch after it
         if self.log is not None:  # the row first: a crash while checkpointing keeps it
             places = self.starts if first else [{k: s[k] for k in PLACE} for s in self.starts]
@@ -331,6 +364,11 @@ class Worker:
         if save:
             self.save(done, totals, whole)
         return not (bad or stop)
+
+    def validate(self) -> tuple[dict[str, float], dict[str, Any]]:
+        if self.args.target is not None:
+            return validate_regression(self.model, self.val_batches(), self.args, self.world)
+        return validate(self.model, self.val_batches(), self.args.classes, self.world)
 
     def save(self, done: int, totals: dict[str, Any], whole: dict[str, Any]) -> None:
         """Report the epoch with its checkpoint (written by rank 0), which carries everything a

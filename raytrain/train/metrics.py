@@ -211,14 +211,18 @@ class MetricsLog:
             )
         scalars = {
             "train/loss": row["loss"],
-            "train/accuracy": row["accuracy"],
             "perf/samples_per_s": row["samples_per_s"],
             "perf/epoch_time_s": row["epoch_time_s"],
         }
+        if "accuracy" in row:
+            scalars["train/accuracy"] = row["accuracy"]
         if "lr" in row:
             scalars["train/lr"] = row["lr"]
         if "val_loss" in row:
-            scalars["val/loss"], scalars["val/accuracy"] = row["val_loss"], row["val_accuracy"]
+            scalars["val/loss"] = row["val_loss"]
+        for key in ("accuracy", "auc", "f1", "rmse", "mae", "r2"):
+            if f"val_{key}" in row:
+                scalars[f"val/{key}"] = row[f"val_{key}"]
         for worker in row["workers"]:
             scalars[f"perf/samples_per_s/rank{worker['rank']}"] = worker["samples_per_s"]
             scalars[f"perf/epoch_time_s/rank{worker['rank']}"] = worker["epoch_time_s"]

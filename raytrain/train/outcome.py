@@ -95,8 +95,13 @@ def validation_of(checkpoint_dir: str) -> dict[str, Any]:
             f"checkpoint {checkpoint_dir!r} carries no validation (written by an older "
             "raytrain); train the run again"
         )
-    validation = summarize(found["loss_sum"], torch.tensor(found["confusion"]))
-    validation["auc"] = found.get("auc")
+    if found.get("task") == "regression":
+        rows = int(found["sums"][4])
+        validation = {"rows": rows, "loss": found["loss_sum"] / rows}
+        validation.update({k: found[k] for k in ("rmse", "mae", "r2", "pairs")})
+    else:
+        validation = summarize(found["loss_sum"], torch.tensor(found["confusion"]))
+        validation["auc"] = found.get("auc")
     validation["validated_by"] = {"epoch": found["epoch"], "workers": found["workers"]}
     return validation
 

@@ -13,8 +13,8 @@ T = TypeVar("T")
 
 
 def mode_of(metric: str) -> str:
-    """'min' for a loss, 'max' for an accuracy."""
-    return "min" if metric.endswith("loss") else "max"
+    """'min' for a loss or an error (RMSE, MAE), 'max' for an accuracy, AUC, F1 or R^2."""
+    return "min" if metric.endswith(("loss", "rmse", "mae")) else "max"
 
 
 def best_of(
