@@ -66,6 +66,7 @@ def score_counts(logits: torch.Tensor, y: torch.Tensor, classes: int) -> torch.T
         others = logits.clone()
         others[:, c] = float("-inf")
         odds[:, c] = logits[:, c] - torch.logsumexp(others, dim=1)
+    odds = torch.nan_to_num(odds, nan=0.0)  # a loss that is not finite stops the run anyway
     scaled = (odds + SCORE_RANGE) * (SCORE_BINS / (2 * SCORE_RANGE))
     bins = scaled.floor().clamp(0, SCORE_BINS - 1).long()
     positive = (y.unsqueeze(1) == torch.arange(classes)).long()

@@ -133,8 +133,9 @@ def missing_column(d):
 
 def wrong_label_dtype(d):
     x, y = _good()
-    _write(d / "a.parquet", _fixed(x), pa.array(y.astype(np.float64)))
-    return ["a.parquet", "'y'", "double", "integers"]
+    # (A float label is a regression target: tests/test_tabular.py.)
+    _write(d / "a.parquet", _fixed(x), pa.array([b"\x01"] * len(y)))
+    return ["a.parquet", "'y'", "binary", "integers"]
 
 
 def wrong_feature_dtype(d):

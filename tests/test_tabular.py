@@ -363,6 +363,7 @@ def test_distributed_metrics_equal_scikit_learns(classes):
             "no column 'nowhere'",
         ),
         (["data.max_categories=0"], "data.max_categories"),
+        (["model.task=regression"], "label column 'species' is string; model.task regression"),
     ],
 )
 def test_bad_tabular_settings_are_one_line(mixed_species, tmp_path, flags, expected):
@@ -371,3 +372,38 @@ def test_bad_tabular_settings_are_one_line(mixed_species, tmp_path, flags, expec
         args += ["--set", flag]
     proc = run_module("raytrain.main", *args, "--storage-path", str(tmp_path / "runs"))
     assert expected in one_error_line(proc)
+
+
+def test_balanced_class_weights_are_scikit_learns_from_the_scans_counts(ray_session, tmp_path):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from raytrain.config import Config
+    from raytrain.data.datasets import build_datasets
+    from raytrain.train.driver import class_weights
+
+    path = write_mixed(tmp_path / "churned", "churned")
+    datasets = build_datasets(DataConfig(path=str(path), label_column="churned"), workers=2)
+    cfg = Config().model_copy(
+        update={"train": Config().train.model_copy(update={"class_weight": "balanced"})}
+    )
+    y = _training_frame(make_mixed_table())["churned"].to_numpy()
+    assert datasets.encoding.class_names == ("false", "true")
+    assert datasets.label_counts == (int((~y).sum()), int(y.sum()))
+    want = compute_class_weight("balanced", classes=np.array([False, True]), y=y)
+    assert np.allclose(class_weights(cfg, datasets), want, rtol=1e-12)
+    assert class_weights(Config(), datasets) is None  # none: every row counts the same
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("val_auc", "max"), ("val_f1", "max"), ("val_log_loss", "min"), ("val_rmse", "min"),
+     ("val_mae", "min"), ("val_r2", "max")],
+)  # fmt: skip
+def test_every_metric_can_pick_checkpoints_with_its_direction(metric, mode):
+    from raytrain.config import Config
+    from raytrain.train.stopping import best_of, mode_of
+
+    cfg = Config.model_validate({"run": {"checkpoint_metric": metric}})
+    assert cfg.run.checkpoint_metric == metric and mode_of(metric) == mode
+    picked = best_of([("a", {metric: 0.2, "epoch": 1}), ("b", {metric: 0.3, "epoch": 2})], metric)
+    assert picked[0] == ("b" if mode == "max" else "a")

@@ -5,6 +5,8 @@ rows.
 - ``synthetic``: the one generator of synthetic rows, in memory or written as Parquet files;
 - ``files``: finding a user's Parquet or CSV files, checking their schemas, reading them
   (``csvfiles``: what differs for CSV);
+- ``columns``: the user's columns as the model's numbers (types, vocabularies of categories,
+  imputation of missing values, class names, a regression target's standardisation);
 - ``checks``: the pass over their rows before training;
 - ``scaling``: the training split's feature statistics and standardisation;
 - ``datasets``: the Ray Datasets a run trains and validates on.

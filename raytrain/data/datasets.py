@@ -87,7 +87,7 @@ def build_datasets(
         val_blocks = tuple(datasets.val.to_arrow_refs())
         datasets = dataclasses.replace(datasets, blocks=blocks, val_blocks=val_blocks)
         train = ray.data.from_arrow_refs(list(blocks))  # one pass over what is already read
-    plain = datasets.encoding is None or datasets.encoding.plain
+    plain = datasets.encoding is None or (datasets.encoding.plain and datasets.scaling is None)
     if plain and (cfg.normalize == "standard" or (cfg.normalize == "auto" and cfg.path)):
         datasets = dataclasses.replace(datasets, scaling=fit_scaling(train))
     return datasets
@@ -203,7 +203,9 @@ def _encoding(
     encoding = build_encoding(source, scanned.tally, present, cfg.max_categories)
     if cfg.normalize == "none":
         return encoding, None
-    if encoding.plain:
+    # Missing values only in held-out rows: plain, but the moments count present values.
+    whole_rows = all(np.ndim(m["n"]) == 0 for m in scanned.moments)
+    if encoding.plain and whole_rows:
         if source.format != "parquet":
             return encoding, None  # fitted on the rows by build_datasets
         return encoding, combine(scanned.moments)

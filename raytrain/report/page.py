@@ -72,12 +72,12 @@ def render_html(run: RunFiles, png: bytes) -> str:
         ],
         segments=_segments(run.segments),
         classes=_classes(validation),
-        confusion_header=[
-            "true \\ predicted",
-            *map(str, range(len(validation.get("confusion") or []))),
-        ],
+        confusion_header=["true \\ predicted", *_class_names(validation)],
         confusion=[
-            [str(c), *map(str, line)] for c, line in enumerate(validation.get("confusion") or [])
+            [name, *map(str, line)]
+            for name, line in zip(
+                _class_names(validation), validation.get("confusion") or [], strict=False
+            )
         ],
         phases=_phases(results),
         placement=[
@@ -148,12 +148,19 @@ def _segments(segments: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
+def _class_names(validation: dict[str, Any]) -> list[str]:
+    """The classes as the user's data names them (a label of names), else their indexes."""
+    names = validation.get("class_names")
+    return list(names) if names else [str(c) for c in range(len(validation.get("confusion") or []))]
+
+
 def _classes(validation: dict[str, Any]) -> list[list[str]]:
     confusion = validation.get("confusion") or []
     precision, recall = validation.get("precision") or [], validation.get("recall") or []
+    names = _class_names(validation)
     return [
         [
-            str(c),
+            names[c],
             _num(_at(precision, c), "{:.1%}"),
             _num(_at(recall, c), "{:.1%}"),
             str(sum(confusion[c])),

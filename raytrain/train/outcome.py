@@ -102,6 +102,9 @@ def validation_of(checkpoint_dir: str) -> dict[str, Any]:
     else:
         validation = summarize(found["loss_sum"], torch.tensor(found["confusion"]))
         validation["auc"] = found.get("auc")
+        names = (state.get("encoding") or {}).get("class_names")
+        if names:
+            validation["class_names"] = names
     validation["validated_by"] = {"epoch": found["epoch"], "workers": found["workers"]}
     return validation
 
