@@ -29,7 +29,15 @@ import pyarrow.parquet as pq
 
 from raytrain.config import DataConfig
 from raytrain.data import csvfiles, files
-from raytrain.data.columns import Encoding, Tally, features_of, nan_moments, split_keys, tally_block
+from raytrain.data.columns import (
+    Distinct,
+    Encoding,
+    Tally,
+    features_of,
+    nan_moments,
+    split_keys,
+    tally_block,
+)
 from raytrain.data.files import DataError, Source, in_validation, read_mapped
 from raytrain.data.pieces import Piece
 from raytrain.data.scaling import split_moments
@@ -87,8 +95,10 @@ def scan_block(
         return found
     found.update(width_min=x.shape[1], width_max=x.shape[1])
     held_out = None
+    distinct = [Distinct.of(table.column(c)) for c in source.categorical]
     if val_fraction:
-        held_out = in_validation(split_keys(table, x, source.categorical), val_fraction)
+        keys = split_keys(table, x, source.categorical, distinct)
+        held_out = in_validation(keys, val_fraction)
         found["val_rows"] = int(held_out.sum())
         found["held_out"] = np.packbits(held_out).tobytes()
     found["moments"] = split_moments(x, held_out)  # None: a value is not finite
@@ -110,6 +120,7 @@ def scan_block(
         source.label_names,
         found["missing"] > 0,
         source.regression,
+        distinct,
     )
     return found
 

@@ -33,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raytrain.data.scaling import split_moments
+
 NULL_CODE, UNKNOWN_CODE = 0, 1  # the two buckets before every vocabulary's values
 
 
@@ -58,15 +60,37 @@ def as_strings(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return column
 
 
-def category_keys(column: pa.Array) -> np.ndarray:
-    """A stable 32-bit hash of each value (CRC-32 of its UTF-8 bytes; null: 0), for the hashed
-    validation split: the same row lands on the same side on every node and every run. Hashes
-    each distinct value once."""
-    encoded = pc.dictionary_encode(column)
-    words = [zlib.crc32(v.encode()) | 1 for v in encoded.dictionary.to_pylist()]
-    table = np.array([*words, 0], dtype=np.uint32)
-    indices = encoded.indices.fill_null(len(words)).to_numpy(zero_copy_only=False)
-    return table[indices]
+@dataclass(frozen=True)
+class Distinct:
+    """A categorical column of a block as its distinct values (strings) and, per row, the index
+    of its value (``len(values)`` for a null): what both the split's hash and the counts need,
+    made once per column and block."""
+
+    values: list[str]
+    indices: np.ndarray
+
+    @classmethod
+    def of(cls, column) -> Distinct:
+        encoded = pc.dictionary_encode(as_strings(column))
+        values = encoded.dictionary.to_pylist()
+        indices = encoded.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
+        return cls(values, indices)
+
+    def keys(self) -> np.ndarray:
+        """A stable 32-bit hash of each row's value (CRC-32 of its UTF-8 bytes; null: 0), for
+        the hashed validation split: the same row lands on the same side on every node and
+        every run. Hashes each distinct value once."""
+        words = [zlib.crc32(v.encode()) | 1 for v in self.values]
+        return np.array([*words, 0], dtype=np.uint32)[self.indices]
+
+    def counts(self, rows: np.ndarray | None) -> Counter:
+        """How often each value occurs among ``rows`` (a mask; None: all), nulls under None."""
+        indices = self.indices if rows is None else self.indices[rows]
+        counts = np.bincount(indices, minlength=len(self.values) + 1)
+        found = Counter({v: int(n) for v, n in zip(self.values, counts, strict=False) if n})
+        if counts[-1]:
+            found[None] = int(counts[-1])
+        return found
 
 
 def features_of(batch: pa.Table, feature_columns: Sequence[str]) -> np.ndarray | None:
@@ -87,17 +111,32 @@ def features_of(batch: pa.Table, feature_columns: Sequence[str]) -> np.ndarray |
             return values.astype(np.float32, copy=False).reshape(len(column), width)
     if not feature_columns:
         return np.empty((batch.num_rows, 0), dtype=np.float32)
-    return np.stack(
-        [batch.column(c).to_numpy(zero_copy_only=False) for c in feature_columns], axis=1
-    ).astype(np.float32, copy=False)
+    return np.stack([_numbers(batch.column(c)) for c in feature_columns], axis=1).astype(
+        np.float32, copy=False
+    )
 
 
-def split_keys(batch: pa.Table, x: np.ndarray, categorical: Sequence[str]) -> np.ndarray:
+def _numbers(column) -> np.ndarray:
+    """A numeric column's values, a null as NaN: floats filled in their own type (no float64
+    copy, which NumPy makes of a column with nulls)."""
+    if column.null_count and pa.types.is_floating(column.type):
+        column = pc.fill_null(column, float("nan"))
+    return column.to_numpy(zero_copy_only=False)
+
+
+def split_keys(
+    batch: pa.Table,
+    x: np.ndarray,
+    categorical: Sequence[str],
+    distinct: Sequence[Distinct] | None = None,
+) -> np.ndarray:
     """What the hashed split hashes: the numeric features' bits (``x``), then each categorical
-    column's ``category_keys``, as one float32 array of bits (numeric-only data: ``x`` itself)."""
+    column's ``Distinct.keys``, as one float32 array of bits (numeric-only data: ``x`` itself).
+    ``distinct``: the columns' ``Distinct``, if made already."""
     if not categorical:
         return x
-    keys = [category_keys(as_strings(batch.column(c))).view(np.float32) for c in categorical]
+    distinct = distinct or [Distinct.of(batch.column(c)) for c in categorical]
+    keys = [d.keys().view(np.float32) for d in distinct]
     return np.concatenate([x, np.stack(keys, axis=1)], axis=1)
 
 
@@ -136,6 +175,7 @@ def tally_block(
     label_names: bool,
     any_missing: bool,
     regression: bool = False,
+    distinct: Sequence[Distinct] | None = None,
 ) -> Tally:
     """The training rows' counts of one block (``held_out``: the rows the split holds out;
     ``any_missing``: whether ``x`` has a NaN, else it is not looked at again)."""
@@ -145,12 +185,10 @@ def tally_block(
         missing = np.isnan(x)
         tally.missing_any = missing.sum(axis=0)
         tally.missing = (missing if train is None else missing[train]).sum(axis=0)
-    mask = None if train is None or not (categorical or label_names) else pa.array(train)
-    for name in categorical:
-        values = as_strings(batch.column(name))
-        if mask is not None:
-            values = values.filter(mask)
-        tally.categories.append(_value_counts(values))
+    mask = None if train is None or not label_names else pa.array(train)
+    distinct = distinct or [Distinct.of(batch.column(c)) for c in categorical]
+    for column in distinct:
+        tally.categories.append(column.counts(train))
     if label is None:
         return tally
     column = batch.column(label)
@@ -188,14 +226,31 @@ def _value_counts(values: pa.Array) -> Counter:
 def nan_moments(x: np.ndarray, held_out: np.ndarray | None) -> dict:
     """The training rows' count, mean and sum of squared deviations per feature, each feature
     over its own values that are not missing (NaN): counts differ between features."""
-    rows = x if held_out is None else x[~held_out]
-    values = rows.astype(np.float64)
-    present = ~np.isnan(values)
-    n = present.sum(axis=0)
+    missing = np.isnan(x)
+    held = held_out if held_out is not None else np.zeros(len(x), dtype=bool)
+    absent = missing[~held].sum(axis=0)  # training rows without a value, per feature
+    # A missing value filled with its column's first value present (a value near the others:
+    # no precision lost), the moments of the filled rows taken in one fast pass, then the
+    # filled values taken out again from the sums, which split_moments shifts by the first row.
+    first = np.argmax(~missing, axis=0)
+    stand_in = np.where(missing.all(axis=0), 0.0, x[first, np.arange(x.shape[1])])
+    filled = np.where(missing, stand_in.astype(np.float32), x)
+    whole = split_moments(filled, held_out)
+    rows = whole["n"]
+    if not rows:
+        zeros = np.zeros(x.shape[1])
+        return {"n": zeros, "mean": zeros, "m2": zeros}
+    shift = filled[0].astype(np.float64)
+    s1 = rows * (whole["mean"] - shift)
+    s2 = whole["m2"] + s1 * s1 / rows
+    gap = stand_in.astype(np.float32).astype(np.float64) - shift
+    n = rows - absent
+    s1 = s1 - absent * gap
+    s2 = s2 - absent * gap * gap
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, np.nansum(values, axis=0) / np.maximum(n, 1), 0.0)
-    centred = np.where(present, values - mean, 0.0)
-    return {"n": n, "mean": mean, "m2": np.einsum("ij,ij->j", centred, centred)}
+        mean = np.where(n > 0, shift + s1 / np.maximum(n, 1), 0.0)
+        m2 = np.where(n > 0, np.maximum(s2 - s1 * s1 / np.maximum(n, 1), 0.0), 0.0)
+    return {"n": n, "mean": mean, "m2": m2}
 
 
 @dataclass(frozen=True)
