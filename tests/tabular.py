@@ -113,71 +113,60 @@ def write_mixed(directory: Path, label: str, rows: int = 4000, seed: int = 0) ->
     return directory
 
 
-def sklearn_pipeline(table: pa.Table, label: str, val_fraction: float = 0.2) -> dict:
-    """scikit-learn's usual pipeline on the mixed table (numeric: mean imputation with
-    indicators, then standard scaling; categorical: a constant for missing, then one-hot,
-    unknown values ignored; LogisticRegression), trained and scored on raytrain's split."""
-    from sklearn.compose import make_column_transformer
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
+def mixed_split(table: pa.Table, label: str, val_fraction: float = 0.2):
+    """The mixed table's features and ``label`` as pandas, and which rows raytrain's hashed
+    split holds out (its own functions, so the split is the same)."""
     from raytrain.data.columns import features_of, split_keys
     from raytrain.data.files import in_validation
 
     keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
-    held = in_validation(keys, val_fraction)
     frame = table.to_pandas()
-    x, y = frame[MIXED_NUMERIC + MIXED_CATEGORICAL], frame[label]
+    held = in_validation(keys, val_fraction)
+    return frame[MIXED_NUMERIC + MIXED_CATEGORICAL], frame[label], held
+
+
+def linear_pipeline(estimator):
+    """scikit-learn's usual pipeline for mixed columns in front of ``estimator``: numeric ones
+    imputed with the mean (with indicators) and standardised, categorical ones imputed with a
+    constant and one-hot encoded (unknown values ignored)."""
+    from sklearn.compose import make_column_transformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
     numeric = make_pipeline(SimpleImputer(add_indicator=True), StandardScaler())
     categorical = make_pipeline(
         SimpleImputer(strategy="constant", fill_value="missing"),
         OneHotEncoder(handle_unknown="ignore"),
     )
-    model = make_pipeline(
-        make_column_transformer((numeric, MIXED_NUMERIC), (categorical, MIXED_CATEGORICAL)),
-        LogisticRegression(max_iter=2000),
-    ).fit(x[~held], y[~held])
+    columns = make_column_transformer((numeric, MIXED_NUMERIC), (categorical, MIXED_CATEGORICAL))
+    return make_pipeline(columns, estimator)
+
+
+def sklearn_pipeline(table: pa.Table, label: str, val_fraction: float = 0.2) -> dict:
+    """``linear_pipeline`` with LogisticRegression, trained and scored on raytrain's split:
+    accuracy, AUC (one-vs-rest for more than two classes) and validation rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    x, y, held = mixed_split(table, label, val_fraction)
+    model = linear_pipeline(LogisticRegression(max_iter=2000)).fit(x[~held], y[~held])
     p = model.predict_proba(x[held])
     score = (
         roc_auc_score(y[held], p[:, 1])
         if p.shape[1] == 2
         else roc_auc_score(y[held], p, multi_class="ovr")
     )
-    return {
-        "accuracy": float(model.score(x[held], y[held])),
-        "auc": float(score),
-        "rows": int(held.sum()),
-    }
+    accuracy = float(model.score(x[held], y[held]))
+    return {"accuracy": accuracy, "auc": float(score), "rows": int(held.sum())}
 
 
 def sklearn_ridge_rmse(table: pa.Table, label: str = "target", val_fraction: float = 0.2) -> dict:
-    """scikit-learn's pipeline for a numeric target (Ridge instead of LogisticRegression),
-    trained and scored on raytrain's split: the validation RMSE."""
-    from sklearn.compose import make_column_transformer
-    from sklearn.impute import SimpleImputer
+    """``linear_pipeline`` with Ridge for the numeric target, on raytrain's split: its RMSE."""
     from sklearn.linear_model import Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    from raytrain.data.columns import features_of, split_keys
-    from raytrain.data.files import in_validation
-
-    keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
-    held = in_validation(keys, val_fraction)
-    frame = table.to_pandas()
-    x, y = frame[MIXED_NUMERIC + MIXED_CATEGORICAL], frame[label]
-    numeric = make_pipeline(SimpleImputer(add_indicator=True), StandardScaler())
-    categorical = make_pipeline(
-        SimpleImputer(strategy="constant", fill_value="missing"),
-        OneHotEncoder(handle_unknown="ignore"),
-    )
-    model = make_pipeline(
-        make_column_transformer((numeric, MIXED_NUMERIC), (categorical, MIXED_CATEGORICAL)),
-        Ridge(alpha=1.0),
-    ).fit(x[~held], y[~held])
+    x, y, held = mixed_split(table, label, val_fraction)
+    model = linear_pipeline(Ridge(alpha=1.0)).fit(x[~held], y[~held])
     error = model.predict(x[held]) - y[held].to_numpy()
     return {"rmse": float(np.sqrt(np.mean(error**2))), "rows": int(held.sum())}
 
@@ -192,13 +181,7 @@ def sklearn_boosting(table: pa.Table, label: str, val_fraction: float = 0.2) -> 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OrdinalEncoder
 
-    from raytrain.data.columns import features_of, split_keys
-    from raytrain.data.files import in_validation
-
-    keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
-    held = in_validation(keys, val_fraction)
-    frame = table.to_pandas()
-    x, y = frame[MIXED_NUMERIC + MIXED_CATEGORICAL], frame[label]
+    x, y, held = mixed_split(table, label, val_fraction)
     codes = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan)
     prepare = make_column_transformer(
         (codes, MIXED_CATEGORICAL), remainder="passthrough", verbose_feature_names_out=False

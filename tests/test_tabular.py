@@ -139,12 +139,13 @@ def _training_frame(table):
     return table.to_pandas()[~in_validation(keys, 0.2)]
 
 
-@pytest.mark.parametrize("ingest", ["memory", "stream"])
+@pytest.mark.parametrize(("ingest", "workers"), [("memory", 1), ("stream", 3)])
 def test_vocabularies_and_imputation_are_pandas_over_the_training_rows(
-    ray_session, mixed_species, ingest
+    ray_session, mixed_species, ingest, workers
 ):
     cfg = DataConfig(path=str(mixed_species), label_column="species", ingest=ingest)
-    datasets = build_datasets(cfg, workers=2)
+    datasets = build_datasets(cfg, workers=workers)
+    assert datasets.ingest == ingest
     encoding = datasets.encoding
     frame = _training_frame(make_mixed_table())
     assert encoding.numeric == tuple(MIXED_NUMERIC)
@@ -176,6 +177,30 @@ def test_vocabularies_and_imputation_are_pandas_over_the_training_rows(
         frame[MIXED_NUMERIC].astype("float64").fillna(dict(zip(MIXED_NUMERIC, means, strict=True)))
     )
     assert np.allclose(x[:, :4], filled.to_numpy(), rtol=1e-6)
+
+
+def test_mixed_csv_trains_as_the_same_rows_in_parquet(train, tabular_runs, tmp_path):
+    """The same mixed rows as CSV (types inferred from its first block, an empty value missing):
+    the same encoding and the same validation as from Parquet."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    path, from_parquet = tabular_runs["species"]
+    (tmp_path / "csv").mkdir()
+    pcsv.write_csv(pq.read_table(path), tmp_path / "csv" / "data.csv")
+    from_csv = train(
+        f"data.path={tmp_path / 'csv'}",
+        "data.label_column=species",
+        "scaling.workers=2",
+        config_file=ROOT / "configs" / "tabular.yaml",
+    )
+    assert "CSV" in from_csv.console
+    ours, theirs = from_csv.state["encoding"], from_parquet.state["encoding"]
+    assert {**ours, "fill": None} == {**theirs, "fill": None}
+    assert np.allclose(ours["fill"], theirs["fill"], rtol=1e-6)  # CSV's floats, read as float32
+    csv_val, parquet_val = from_csv.results["validation"], from_parquet.results["validation"]
+    assert csv_val["rows"] == parquet_val["rows"]
+    assert abs(csv_val["accuracy"] - parquet_val["accuracy"]) <= 0.01
 
 
 def test_unseen_and_null_categories_take_their_own_codes():

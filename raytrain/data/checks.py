@@ -68,25 +68,10 @@ def scan_block(
     rows (and which), its labels' range, its feature widths, its rows with infinite or missing
     values, the training rows' feature moments (missing values aside) and counts
     (raytrain.data.columns.Tally). ``where`` names the block in an error."""
-    rows = table.num_rows
-    found: dict[str, Any] = {"rows": rows, "val_rows": 0, "nonfinite": 0, "missing": 0}
+    found: dict[str, Any] = {"rows": table.num_rows, "val_rows": 0, "nonfinite": 0, "missing": 0}
     label = source.label_column
     if label is not None:
-        column = table.column(label)
-        found["null_labels"] = column.null_count
-        if source.regression:  # a target: a NaN or an infinity is as good as none
-            values = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-            found["null_labels"] = int((~np.isfinite(values)).sum())
-        if (
-            source.label_names
-            or source.regression
-            or not len(column)
-            or column.null_count == len(column)
-        ):
-            found["label_min"] = found["label_max"] = 0
-        else:
-            found["label_min"] = pc.min(column).as_py()
-            found["label_max"] = pc.max(column).as_py()
+        found.update(_labels_found(table.column(label), source))
     x = features_of(table, source.feature_columns)
     if x is None:  # ragged lists: the widths say so, nothing else is needed
         column = table.column(source.feature_columns[0]).combine_chunks()
@@ -122,6 +107,19 @@ def scan_block(
         source.regression,
         distinct,
     )
+    return found
+
+
+def _labels_found(column, source: Source) -> dict[str, Any]:
+    """A block's rows without a label (a regression target: also NaN or infinite) and the range
+    of its class indexes (0, 0 for names and targets)."""
+    found = {"null_labels": column.null_count, "label_min": 0, "label_max": 0}
+    if source.regression:  # a target: a NaN or an infinity is as good as none
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        found["null_labels"] = int((~np.isfinite(values)).sum())
+    elif not source.label_names and 0 < len(column) > column.null_count:
+        found["label_min"] = pc.min(column).as_py()
+        found["label_max"] = pc.max(column).as_py()
     return found
 
 

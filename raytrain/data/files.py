@@ -122,9 +122,21 @@ def find(
             files[0], schema, (feature_columns, label_column, categorical, also, hint), task
         )
     numeric, categories, label_names, regression = plan
+    wanted = (numeric, categories, label_column, label_names or regression, tuple(also), hint)
+    width, row_groups = _check_files(fs, files, wanted, kind)
+    return Source(
+        fs, tuple(files), numeric, label_column, width, kind, row_groups, categories,
+        label_names, regression,
+    )  # fmt: skip
+
+
+def _check_files(
+    fs: pafs.FileSystem, files: list[str], wanted: tuple, kind: str
+) -> tuple[int | None, tuple[tuple[str, int, int], ...]]:
+    """Every file's schema checked against ``wanted``: the features per row they agree on
+    (None if the scan must tell) and every row group as (file, index, rows)."""
     width = None
     row_groups: list[tuple[str, int, int]] = []
-    wanted = (numeric, categories, label_column, label_names or regression, tuple(also), hint)
     for file in files:
         file_width, groups = _check_schema(fs, file, wanted, kind)
         row_groups += [(file, i, rows) for i, rows in enumerate(groups)]
@@ -134,18 +146,7 @@ def find(
                 "needs the same features"
             )
         width = width if file_width is None else file_width
-    return Source(
-        fs,
-        tuple(files),
-        numeric,
-        label_column,
-        width,
-        kind,
-        tuple(row_groups),
-        categories,
-        label_names,
-        regression,
-    )
+    return width, tuple(row_groups)
 
 
 def _plan(

@@ -115,17 +115,18 @@ class UnitPredictor:
 
 
 def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
-    """Read one unit, predict, write its file; the unit's rows, loss sum and confusion."""
+    """Read one unit, predict, write its file; the unit's rows, loss sum and confusion (or a
+    regression's sums)."""
     import torch
-
-    from raytrain.evaluate import regression_loss, regression_sums, tally_logits
 
     started = time.perf_counter()
     fs, classes = job.source.filesystem, trained.classes
-    target_stats = trained.encoding.target if trained.encoding is not None else None
     columns = list(dict.fromkeys([*job.source.columns, *job.keep]))
-    loss_sum, confusion = 0.0, torch.zeros(classes, classes, dtype=torch.int64)
-    sums = torch.zeros(5, dtype=torch.float64)
+    totals = {
+        "loss_sum": 0.0,
+        "confusion": torch.zeros(classes, classes, dtype=torch.int64),
+        "sums": torch.zeros(5, dtype=torch.float64),
+    }
     done = unit.first_row
     target = job.staging / unit.out_name
     with fs.open_input_file(unit.file) as source, fs.open_output_stream(target.path) as stream:
@@ -139,30 +140,7 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
             x = _features(table, job, trained, unit.file, done)
             with torch.no_grad():
                 logits = model(torch.from_numpy(x))
-            out = table.select(list(job.keep))
-            if target_stats is not None:  # regression: the value in the target's units
-                predicted = logits.squeeze(1)
-                if job.label is not None:
-                    y = torch.from_numpy(_labels(table, job.label, trained, unit.file, done))
-                    loss_sum += regression_loss(predicted, y, "mse").item()
-                    sums += regression_sums(predicted, y)
-                mean, std = target_stats
-                value = predicted.double().numpy() * std + mean
-                out = out.append_column(PREDICTION, pa.array(value))
-                if writer is None:
-                    writer = pq.ParquetWriter(stream, out.schema)
-                writer.write_table(out)
-                done += len(table)
-                continue
-            probabilities = torch.softmax(logits, dim=1).numpy()
-            if job.label is not None:
-                y = _labels(table, job.label, trained, unit.file, done)
-                loss, counts = tally_logits(logits, torch.from_numpy(y), classes)
-                loss_sum += loss.item()
-                confusion += counts
-            out = out.append_column(PREDICTION, _predictions(probabilities, trained))
-            flat = pa.array(probabilities.reshape(-1))
-            out = out.append_column(PROBABILITIES, pa.FixedSizeListArray.from_arrays(flat, classes))
+            out = _scored(table, logits, job, trained, totals, (unit.file, done))
             if writer is None:
                 writer = pq.ParquetWriter(stream, out.schema)
             writer.write_table(out)
@@ -174,11 +152,41 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
     return {
         "unit": unit.index,
         "rows": done - unit.first_row,
-        "loss_sum": loss_sum,
-        "confusion": confusion.numpy().reshape(-1),
-        "sums": sums.numpy(),
+        "loss_sum": totals["loss_sum"],
+        "confusion": totals["confusion"].numpy().reshape(-1),
+        "sums": totals["sums"].numpy(),
         "seconds": time.perf_counter() - started,
     }
+
+
+def _scored(table: pa.Table, logits, job: Job, trained, totals: dict, where) -> pa.Table:
+    """A batch's output rows (the kept columns, the prediction, the probabilities), its
+    measures against ``--label`` added to ``totals``; ``where``: (file, rows before)."""
+    import torch
+
+    from raytrain.evaluate import regression_loss, regression_sums, tally_logits
+
+    out = table.select(list(job.keep))
+    encoding = trained.encoding
+    if encoding is not None and encoding.target is not None:  # the value in the target's units
+        predicted = logits.squeeze(1)
+        if job.label is not None:
+            y = torch.from_numpy(_labels(table, job.label, trained, *where))
+            totals["loss_sum"] += regression_loss(predicted, y, "mse").item()
+            totals["sums"] += regression_sums(predicted, y)
+        mean, std = encoding.target
+        return out.append_column(PREDICTION, pa.array(predicted.double().numpy() * std + mean))
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    if job.label is not None:
+        y = _labels(table, job.label, trained, *where)
+        loss, counts = tally_logits(logits, torch.from_numpy(y), trained.classes)
+        totals["loss_sum"] += loss.item()
+        totals["confusion"] += counts
+    out = out.append_column(PREDICTION, _predictions(probabilities, trained))
+    flat = pa.array(probabilities.reshape(-1))
+    return out.append_column(
+        PROBABILITIES, pa.FixedSizeListArray.from_arrays(flat, trained.classes)
+    )
 
 
 def _predictions(probabilities: np.ndarray, trained) -> pa.Array:
@@ -305,8 +313,8 @@ def run(
         compute=pool,
         num_cpus=cpus_per_worker,
     )
-    classes = None
-    rows, loss_sum, confusion, busy, sums = 0, 0.0, None, 0.0, np.zeros(5)
+    totals = {"rows": 0, "loss_sum": 0.0, "confusion": None, "sums": np.zeros(5)}
+    totals["actor_seconds"] = 0.0
     # Ray Data's actor pool makes the driver's core worker log a line about restarting actors
     # whose arguments are in the object store, on stderr whatever the log level: shown only
     # with --verbose (an error still arrives here as an exception).
@@ -314,28 +322,29 @@ def run(
     try:
         with quiet:
             for outcome in predicted.iter_rows():
-                counts = np.asarray(outcome["confusion"], dtype=np.int64)
-                confusion = counts if confusion is None else confusion + counts
-                rows += int(outcome["rows"])
-                loss_sum += float(outcome["loss_sum"])
-                sums = sums + np.asarray(outcome["sums"], dtype=np.float64)
-                busy += float(outcome["seconds"])
-                progress(rows)
+                _add_outcome(totals, outcome)
+                progress(totals["rows"])
     except Exception as e:
         found = user_error_in(e)
         if found is None:
             raise
         raise found from None
+    confusion = totals["confusion"]
     if confusion is not None:
         classes = int(round(len(confusion) ** 0.5))
-        confusion = confusion.reshape(classes, classes)
-    return {
-        "rows": rows,
-        "loss_sum": loss_sum,
-        "confusion": confusion,
-        "sums": sums.tolist(),
-        "actor_seconds": busy,
-    }
+        totals["confusion"] = confusion.reshape(classes, classes)
+    totals["sums"] = totals["sums"].tolist()
+    return totals
+
+
+def _add_outcome(totals: dict[str, Any], outcome: dict[str, Any]) -> None:
+    """One unit's outcome added to the totals of the prediction."""
+    counts = np.asarray(outcome["confusion"], dtype=np.int64)
+    totals["confusion"] = counts if totals["confusion"] is None else totals["confusion"] + counts
+    totals["rows"] += int(outcome["rows"])
+    totals["loss_sum"] += float(outcome["loss_sum"])
+    totals["sums"] = totals["sums"] + np.asarray(outcome["sums"], dtype=np.float64)
+    totals["actor_seconds"] += float(outcome["seconds"])
 
 
 def user_error_in(error: BaseException) -> UserError | None:
