@@ -22,6 +22,7 @@ from .tabular import (
     features_and_labels,
     make_mixed_table,
     make_table,
+    mixed_split,
     sklearn_accuracy,
     sklearn_pipeline,
     sklearn_ridge_rmse,
@@ -133,10 +134,8 @@ def mixed_species(tmp_path_factory):
 
 def _training_frame(table):
     """The rows raytrain trains on (its hashed split's training side), as pandas."""
-    from raytrain.data.columns import features_of, split_keys
-
-    keys = split_keys(table, features_of(table, MIXED_NUMERIC), MIXED_CATEGORICAL)
-    return table.to_pandas()[~in_validation(keys, 0.2)]
+    _, _, held = mixed_split(table, "species")  # the split hashes the features, not the label
+    return table.to_pandas()[~held]
 
 
 @pytest.mark.parametrize(("ingest", "workers"), [("memory", 1), ("stream", 3)])
