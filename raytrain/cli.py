@@ -6,6 +6,7 @@ dispatch to the one chosen.
     raytrain report runs/RUN                      # report.png + report.html in the run directory
     raytrain runs [STORAGE_PATH]                  # the runs under a storage path
     raytrain predict RUN --data PATH --out DIR    # score Parquet rows with a trained model
+    raytrain serve RUN                            # the model over HTTP on Ray Serve
     raytrain export RUN --format onnx --out FILE  # the model as ONNX or TorchScript
     raytrain tune --config configs/sweep.yaml     # a hyperparameter sweep on Ray Tune
 
@@ -19,12 +20,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from raytrain.commands import data, export, predict, report, runs, train, tune
+from raytrain.commands import data, export, predict, report, runs, serve, train, tune
 from raytrain.commands.args import Parser, error
 from raytrain.errors import UserError
 
 # In the order --help lists them.
-COMMANDS = (train, data, report, runs, predict, export, tune)
+COMMANDS = (train, data, report, runs, predict, serve, export, tune)
 
 
 def build_parser(prog: str = "raytrain") -> argparse.ArgumentParser:

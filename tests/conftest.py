@@ -23,7 +23,7 @@ from raytrain.train import checkpoint, driver
 
 ROOT = Path(__file__).resolve().parent.parent
 # Fixtures that train a model or start a cluster: a test that uses one is slow.
-SLOW_FIXTURES = {"train", "ray_cluster", "cluster", "swept", "run", "finished_run"}
+SLOW_FIXTURES = {"train", "ray_cluster", "cluster", "swept", "run", "finished_run", "tabular_run"}
 
 
 def pytest_collection_modifyitems(items):
@@ -124,6 +124,33 @@ def train(ray_session, tmp_path_factory):
         return Trained(cfg, results, out.getvalue())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tabular_run(train, tmp_path_factory):
+    """tabular_run(label): configs/tabular.yaml on tests/tabular.py's mixed data, given only the
+    path and the label, trained once per session (the tabular and the serving tests share it):
+    (data directory, Trained)."""
+    from tests.tabular import write_mixed
+
+    storage = tmp_path_factory.mktemp("tabular-runs")
+    found: dict[str, tuple[Path, Trained]] = {}
+
+    def get(label: str) -> tuple[Path, Trained]:
+        if label not in found:
+            path = write_mixed(tmp_path_factory.mktemp("mixed") / label, label)
+            trained = train(
+                f"data.path={path}",
+                f"data.label_column={label}",
+                "scaling.workers=2",
+                f"run.name={label}",
+                storage=storage,
+                config_file=ROOT / "configs" / "tabular.yaml",
+            )
+            found[label] = (path, trained)
+        return found[label]
+
+    return get
 
 
 def save_checkpoint(

@@ -218,25 +218,10 @@ def test_unseen_and_null_categories_take_their_own_codes():
 
 
 @pytest.fixture(scope="module")
-def tabular_runs(train, tmp_path_factory):
+def tabular_runs(tabular_run):
     """configs/tabular.yaml on the mixed data, given only the path and the label (each of the
-    three), trained once each for the tests below: {label: (data directory, Trained)}."""
-    storage = tmp_path_factory.mktemp("tabular-runs")
-    found = {}
-    for label in MIXED_LABELS:
-        path = write_mixed(tmp_path_factory.mktemp("mixed") / label, label)
-        found[label] = (
-            path,
-            train(
-                f"data.path={path}",
-                f"data.label_column={label}",
-                "scaling.workers=2",
-                f"run.name={label}",
-                storage=storage,
-                config_file=ROOT / "configs" / "tabular.yaml",
-            ),
-        )
-    return found
+    three), trained once each (conftest.tabular_run): {label: (data directory, Trained)}."""
+    return {label: tabular_run(label) for label in MIXED_LABELS}
 
 
 @pytest.mark.parametrize("label", ["species", "churned"])

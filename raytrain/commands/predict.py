@@ -249,17 +249,15 @@ def _metrics(totals: dict[str, Any], label: str, trained) -> dict[str, Any]:
     return {**metrics, "label_column": label, **trained.describe()}
 
 
-def _regression(trained) -> bool:
-    return trained.encoding is not None and trained.encoding.target is not None
-
-
 def _manifest(trained, source, out, job, totals, plan, seconds: float) -> dict[str, Any]:
+    from raytrain.inference.scoring import regression
+
     return {
         "format": 1,
         "out": str(out),
         "data": [str(Location(source.filesystem, f)) for f in source.files],
         "rows": totals["rows"],
-        "columns": [*job.keep, "prediction", *([] if _regression(trained) else ["probabilities"])],
+        "columns": [*job.keep, "prediction", *([] if regression(trained) else ["probabilities"])],
         "label_column": job.label,
         "model": trained.describe(),
         "files": [

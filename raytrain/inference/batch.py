@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytrain.cluster import stderr_to_devnull
-from raytrain.data.columns import features_of
 from raytrain.data.files import DataError, Source
 from raytrain.errors import UserError
+from raytrain.inference import scoring
 from raytrain.storage import Location
 
 PREDICTION = "prediction"
@@ -137,7 +137,7 @@ def predict_unit(unit: Unit, job: Job, model, trained) -> dict[str, Any]:
         writer = None
         for record_batch in batches:
             table = pa.Table.from_batches([record_batch])
-            x = _features(table, job, trained, unit.file, done)
+            x = scoring.features(table, trained, unit.file, done)
             with torch.no_grad():
                 logits = model(torch.from_numpy(x))
             out = _scored(table, logits, job, trained, totals, (unit.file, done))
@@ -167,34 +167,25 @@ def _scored(table: pa.Table, logits, job: Job, trained, totals: dict, where) -> 
     from raytrain.evaluate import regression_loss, regression_sums, tally_logits
 
     out = table.select(list(job.keep))
-    encoding = trained.encoding
-    if encoding is not None and encoding.target is not None:  # the value in the target's units
-        predicted = logits.squeeze(1)
-        if job.label is not None:
+    scored = scoring.answers(logits, trained)
+    if scored.probabilities is None:
+        if job.label is not None:  # measured as the model learned it: the target standardised
+            predicted = logits.squeeze(1)
             y = torch.from_numpy(_labels(table, job.label, trained, *where))
             totals["loss_sum"] += regression_loss(predicted, y, "mse").item()
             totals["sums"] += regression_sums(predicted, y)
-        mean, std = encoding.target
-        return out.append_column(PREDICTION, pa.array(predicted.double().numpy() * std + mean))
-    probabilities = torch.softmax(logits, dim=1).numpy()
+        return out.append_column(PREDICTION, pa.array(scored.prediction))
     if job.label is not None:
         y = _labels(table, job.label, trained, *where)
         loss, counts = tally_logits(logits, torch.from_numpy(y), trained.classes)
         totals["loss_sum"] += loss.item()
         totals["confusion"] += counts
-    out = out.append_column(PREDICTION, _predictions(probabilities, trained))
-    flat = pa.array(probabilities.reshape(-1))
+    kind = pa.int64() if trained.class_names is None else pa.string()
+    out = out.append_column(PREDICTION, pa.array(scored.prediction, kind))
+    flat = pa.array(scored.probabilities.reshape(-1))
     return out.append_column(
         PROBABILITIES, pa.FixedSizeListArray.from_arrays(flat, trained.classes)
     )
-
-
-def _predictions(probabilities: np.ndarray, trained) -> pa.Array:
-    """The most probable class of each row: its name, for a label of names, else its index."""
-    best = probabilities.argmax(axis=1)
-    if trained.class_names is None:
-        return pa.array(best)
-    return pa.array(np.asarray(trained.class_names, dtype=object)[best], pa.string())
 
 
 def output_schema(job: Job, classes: int, schema: pa.Schema, trained=None) -> pa.Schema:
@@ -213,32 +204,6 @@ def output_schema(job: Job, classes: int, schema: pa.Schema, trained=None) -> pa
             pa.field(PROBABILITIES, pa.list_(pa.float32(), classes)),
         ]
     )
-
-
-def _features(table: pa.Table, job: Job, trained, file: str, before: int) -> np.ndarray:
-    """The rows' ``x`` as the model was trained on it: encoded (missing values imputed,
-    categories coded) by the checkpoint's encoding, when it has one."""
-    encoding, width = trained.encoding, trained.features
-    if encoding is not None:
-        try:
-            x = encoding.encode(table)
-        except ValueError:
-            x = None
-    else:
-        x = features_of(table, job.source.feature_columns)
-    if x is None:
-        raise DataError(f"{file}: feature lists of different lengths; the model takes {width}")
-    if x.shape[1] != width:
-        raise DataError(
-            f"{file}: {x.shape[1]} features per row, but the model was trained on {width}"
-        )
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        row = before + int(np.argmax(bad))
-        raise DataError(
-            f"{file}: row {row} has a NaN or infinite feature; predictions need numbers"
-        )
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _labels(table: pa.Table, label: str, trained, file: str, before: int) -> np.ndarray:

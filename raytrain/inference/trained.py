@@ -5,7 +5,7 @@ Batch prediction (raytrain.inference.batch) and export (raytrain.inference.expor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,6 +80,7 @@ class Trained:
     weights: dict[str, torch.Tensor]
     encoding: Encoding | None = None  # how raw rows become x (files; None: synthetic rows)
     categories: tuple[int, ...] = ()  # codes per categorical column
+    metrics: dict[str, Any] = field(default_factory=dict)  # the epoch's, as meta.json has them
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
@@ -128,23 +129,40 @@ class Trained:
         }
 
 
-def find_checkpoint(target: str, storage_path: str) -> tuple[Location, str]:
+def find_checkpoint(
+    target: str, storage_path: str, choose: str | None = None
+) -> tuple[Location, str]:
     """The checkpoint ``target`` names, and why it was chosen: a checkpoint directory itself, or
     a run (its directory, or its name under ``storage_path``), whose best checkpoint by the run's
-    ``run.checkpoint_metric`` is taken (its latest, where no checkpoint carries the metric)."""
+    ``run.checkpoint_metric`` is taken (its latest, where no checkpoint carries the metric), or
+    the one ``choose`` names (a checkpoint's directory name, or its epoch)."""
     try:
         candidates = [Location.of(target), Location.of(storage_path) / target]
     except StorageError as e:
         raise UserError(f"{target!r}: {e}") from None
     for place in candidates:
         if (place / checkpoint.META_FILE).is_file():
+            if choose is not None:
+                raise UserError(f"--checkpoint {choose!r}: {target!r} is a checkpoint already")
             return place, "the checkpoint given"
         if (place / runs.CONFIG_FILE).is_file():
-            return best_in_run(place)
+            return best_in_run(place) if choose is None else chosen_in_run(place, choose)
     raise UserError(
         f"{target!r} is not a checkpoint (a directory with {checkpoint.META_FILE}), a run "
         f"directory (with {runs.CONFIG_FILE}) or the name of a run under {storage_path!r}; "
         "`raytrain runs` lists the runs"
+    )
+
+
+def chosen_in_run(run_dir: Location, choose: str) -> tuple[Location, str]:
+    """The run's checkpoint named ``choose``: its directory name, or its epoch (``5``)."""
+    name = f"checkpoint_epoch_{int(choose):06d}" if choose.isdigit() else choose
+    if (run_dir / name / checkpoint.META_FILE).is_file():
+        return run_dir / name, "the checkpoint chosen"
+    kept = sorted(c.name for c in run_dir.children() if c.name.startswith("checkpoint_epoch_"))
+    raise UserError(
+        f"--checkpoint {choose!r}: run {run_dir.name!r} has no such checkpoint; it has "
+        f"{', '.join(kept) or 'none'} (a name, or an epoch number)"
     )
 
 
@@ -170,11 +188,13 @@ def best_in_run(run_dir: Location) -> tuple[Location, str]:
     return chosen[0], f"the run's best: the {word} {metric} of {len(kept)} checkpoint(s)"
 
 
-def load(target: str, storage_path: str = config.RunConfig().storage_path) -> Trained:
+def load(
+    target: str, storage_path: str = config.RunConfig().storage_path, choose: str | None = None
+) -> Trained:
     """The trained model ``target`` names (see ``find_checkpoint``), checked and ready to build.
     UserError for a target that does not exist, a damaged checkpoint or a model that cannot be
     built."""
-    where, why = find_checkpoint(target, storage_path)
+    where, why = find_checkpoint(target, storage_path, choose)
     return load_checkpoint(where, why)
 
 
@@ -196,6 +216,7 @@ def load_checkpoint(where: Location | str, why: str = "the checkpoint given") ->
         weights=state["model"],
         encoding=Encoding.from_dict(state["encoding"]) if state.get("encoding") else None,
         categories=tuple((state.get("shape") or {}).get("categories", ())),
+        metrics=(runs.read_json(where / checkpoint.META_FILE) or {}).get("metrics", {}),
     )
     try:
         trained.model()  # a custom class that is gone or changed: say so now, in one line
