@@ -47,6 +47,14 @@ def add_parser(sub) -> None:
         metavar="NAME|EPOCH",
         help="Another checkpoint of the run: its directory name, or its epoch.",
     )
+    _add_serving_flags(parser)
+    add_address(parser)
+    add_storage_path(parser, "Where runs are found by name")
+    parser.add_argument("--verbose", action="store_true", help="Show Ray's and Serve's logs.")
+
+
+def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
+    """Replicas, batching, the body limit, where to listen, and what to do once deployed."""
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=count, default=1, help="Replicas (default: 1).")
     scale.add_argument(
@@ -93,9 +101,6 @@ def add_parser(sub) -> None:
         action="store_true",
         help="Print the Serve config YAML for `serve deploy` (or a RayService) and exit.",
     )
-    add_address(parser)
-    add_storage_path(parser, "Where runs are found by name")
-    parser.add_argument("--verbose", action="store_true", help="Show Ray's and Serve's logs.")
 
 
 def autoscale_range(text: str) -> tuple[int, int]:

@@ -18,8 +18,8 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
-from pydantic import create_model as pydantic_model
+from pydantic import BaseModel, Field, Strict, StrictBool, StrictInt, StrictStr
+from typing_extensions import TypedDict  # pydantic needs it (not typing's) before 3.12
 
 from raytrain.data.files import DataError
 
@@ -45,9 +45,8 @@ def build_api(server) -> FastAPI:
     @api.post("/predict", responses={200: {"model": Predictions}})
     async def predict(body: Annotated[body_type, Body()]) -> JSONResponse:
         records = body if isinstance(body, list) else [body]
-        rows = [r.model_dump(by_alias=True) for r in records]
         try:
-            answered = await server.answer(rows)
+            answered = await server.answer(records)
         except DataError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
         return JSONResponse({"predictions": answered})
@@ -72,10 +71,12 @@ class Predictions(BaseModel):
     )
 
 
-def record_model(columns: list[dict[str, Any]]) -> type[BaseModel]:
-    """A pydantic model of one record: a field per input column, by the column's own name."""
+def record_model(columns: list[dict[str, Any]]) -> type:
+    """One record's type: a key per input column, by the column's own name (a TypedDict:
+    pydantic validates it into a plain dict, and FastAPI shows its schema); other keys are
+    ignored."""
     fields: dict[str, Any] = {}
-    for i, column in enumerate(columns):
+    for column in columns:
         kind = column["type"]
         if kind == "number":
             annotation = Number
@@ -84,10 +85,8 @@ def record_model(columns: list[dict[str, Any]]) -> type[BaseModel]:
             annotation = Annotated[list[float], Field(min_length=n, max_length=n)]
         else:
             annotation = StrictStr | StrictInt | StrictBool | None
-        fields[f"c{i}"] = (annotation, Field(alias=column["name"], description=expected(column)))
-    return pydantic_model(
-        "Record", __config__=ConfigDict(extra="ignore", populate_by_name=False), **fields
-    )
+        fields[column["name"]] = Annotated[annotation, Field(description=expected(column))]
+    return TypedDict("Record", fields)
 
 
 def expected(column: dict[str, Any]) -> str:
