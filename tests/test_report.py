@@ -534,11 +534,21 @@ def test_a_real_runs_report_shows_every_phase(train):
             "log",
             None,
         ),
+        (
+            "Raylet is terminated. Termination is unexpected. Possible reasons include: (1) "
+            "SIGKILL by the user or system OOM killer, (2) Invalid memory access from Raylet "
+            "causing SIGSEGV or SIGBUS, (3) Other termination signals. Last 20 lines of the "
+            "Raylet logs:\n    [2026-12-05 00:55:47,792 I 28974 28974] (raylet) "
+            "worker_pool.cc:811: Job 06000000 already started in worker pool.\n",
+            "log",
+            None,
+        ),
         ("Task was killed due to the node running low on memory.", "console", None),
     ],
 )
 def test_ray_cluster_messages_are_routed_without_verbose(message, where, text):
     """The messages Ray publishes to every driver: a lost node becomes one line, Ray's
-    housekeeping warnings go to a log, anything else reaches the console as Ray wrote it."""
+    housekeeping warnings and a dying node's raylet log tail go to a log, anything else
+    reaches the console as Ray wrote it."""
     routed = cluster.route_cluster_message(message)
     assert routed == (where, text if text is not None else message)
