@@ -190,6 +190,28 @@ class EarlyStopping(_Section):
     )
 
 
+class PowerSGD(_Section):
+    """PowerSGD's settings (train.gradient_compression: powersgd): torch's hook, its names."""
+
+    rank: int = Field(
+        2,
+        ge=1,
+        description="The rank of each gradient matrix's approximation: higher is closer to the "
+        "exact all-reduce and sends more (torch's matrix_approximation_rank).",
+    )
+    warm_start: bool = Field(
+        True,
+        description="Start each step's power iteration from the last step's factors (cheaper "
+        "and closer; they are kept in checkpoints).",
+    )
+    start_iter: int = Field(
+        10,
+        ge=2,
+        description="Steps of exact all-reduce before PowerSGD takes over (torch's "
+        "start_powerSGD_iter; at least 2 with its error feedback).",
+    )
+
+
 class TrainConfig(_Section):
     """The optimisation: the same numbers mean the same maths for any worker count."""
 
@@ -231,6 +253,13 @@ class TrainConfig(_Section):
         None, gt=0, description="Clip the global batch's gradient to this L2 norm. Unset: no clip."
     )
     shuffle: bool = Field(True, description="Reshuffle the training rows every epoch (seeded).")
+    gradient_compression: Literal["none", "fp16", "powersgd"] = Field(
+        "none",
+        description="How DDP sends the gradients between workers: 'none' (float32, exactly one "
+        "process's arithmetic), 'fp16' (half the bytes, rounded), or 'powersgd' (a low-rank "
+        "approximation with error feedback: far fewer bytes, approximate). For slow networks.",
+    )
+    powersgd: PowerSGD = Field(PowerSGD(), description="rank, warm_start, start_iter.")
     loss: Literal["mse", "huber"] = Field(
         "mse",
         description="Regression's loss on the standardised target: 'mse' (squared error), or "

@@ -36,7 +36,7 @@ from raytrain.evaluate import regression_loss, regression_metrics, tally, tally_
 from raytrain.model import build_model, unwrap
 from raytrain.runs import checkpoint_name
 from raytrain.storage import Location
-from raytrain.train import checkpoint
+from raytrain.train import checkpoint, compression
 from raytrain.train.batches import (
     HELD_OUT_BYTES,
     VAL_BATCH,
@@ -255,7 +255,8 @@ def build_or_restore(args: LoopArgs):
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     state = checkpoint.restore(model, optimizer, scheduler)
-    return model, optimizer, scheduler, state["epoch"], Watch(cfg, state.get("watch"))
+    watch = Watch(cfg, state.get("watch"))
+    return model, optimizer, scheduler, state["epoch"], watch, state.get("compression")
 
 
 def checkpoint_due(done: int, cfg: TrainConfig) -> bool:
@@ -281,10 +282,11 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(args.threads)
-    model, optimizer, scheduler, start_epoch, watch = build_or_restore(args)
+    model, optimizer, scheduler, start_epoch, watch, saved = build_or_restore(args)
     timeline["model_built"] = time.time()
     # Wraps in DDP (gloo on CPU) only when world > 1; DDP also broadcasts rank 0's weights.
     model = ray.train.torch.prepare_model(model)
+    hooked = compression.register(model, args.config.train, rank, saved)
     timeline["model_ready"] = time.time()
     train_batches, val_batches = worker_data(args, rank, world)
     timeline["data_ready"] = time.time()
@@ -296,7 +298,9 @@ def train_loop_per_worker(loop_config: dict[str, LoopArgs]) -> None:
     if rank == 0:
         group = ray.util.get_current_placement_group()
         log = MetricsLog(args.run_dir, args.session, start_epoch, group.id.hex() if group else None)
-    worker = Worker(args, rank, world, model, optimizer, scheduler, watch, val_batches, starts, log)
+    worker = Worker(
+        args, rank, world, model, optimizer, scheduler, watch, val_batches, starts, log, hooked
+    )
     for epoch in range(start_epoch, args.config.train.epochs):
         die_if_due(args.fail_at, rank, epoch + 1, args.run_dir)
         if not worker.epoch(epoch, train_batches(epoch), first=epoch == start_epoch):
@@ -317,6 +321,7 @@ class Worker:
     val_batches: Callable
     starts: list[dict[str, Any]]  # every rank's place and start-up times, gathered once
     log: MetricsLog | None  # rank 0's
+    compression: Any = None  # PowerSGD's state (raytrain.train.compression), kept in checkpoints
 
     def epoch(self, epoch: int, batches: Batches, first: bool) -> bool:
         """Train one epoch, validate if due, gather every worker's numbers; rank 0 writes the
@@ -385,6 +390,7 @@ class Worker:
                 "categories": list(args.categories),
             },
             "encoding": args.encoding,
+            "compression": compression.gather(self.compression, self.rank, self.world),
         }
         places = [{k: s[k] for k in PLACE} for s in self.starts]
         extra["validation"] = {**whole, "epoch": done, "workers": places}
