@@ -247,27 +247,49 @@ def main() -> None:
 
 
 def serve_model(args, run: Path, onnx: Path, records: list[dict]) -> dict:
-    """Start the servers of one model, measure every cell, stop them."""
+    """Every cell of one model, every repetition: {(system, payload, concurrency): [cell, ...]}.
+    In each repetition the systems take turns, one server alive at a time (an idle embedded
+    Ray's daemons would take CPU from the one measured)."""
     checkpoint = json.loads((run / "results.json").read_text())["checkpoint"]
-    servers: dict[str, Server] = {}
-    try:
-        port = free_port()
-        servers["plain"] = Server(
-            [sys.executable, "-m", "uvicorn", "plain_fastapi:app", "--workers", "1",
-             "--port", str(port), "--log-level", "warning"],
-            port, env={"RAYTRAIN_CHECKPOINT": checkpoint}, cwd=ROOT / "scripts" / "baselines",
-        )  # fmt: skip
-        for name, replicas, env in SERVES:
+    cells: dict[tuple[str, str, int], list[dict]] = {}
+    for rep in range(args.reps):
+        for payload, rows in PAYLOADS.items():
+            for concurrency in CONCURRENCY:
+                cell = onnx_cell(onnx, run, records, rows, concurrency, args.seconds)
+                cells.setdefault(("onnx", payload, concurrency), []).append(cell)
+        for name, cmd, env, cwd in _servers(run, checkpoint):
             port = free_port()
-            servers[name] = Server(
-                [*RAYTRAIN, "serve", str(run), "--port", str(port), "--replicas", str(replicas)],
-                port,
-                env=env,
-            )
-        return measure(args, servers, onnx, run, records)
-    finally:
-        for server in servers.values():
-            server.stop()
+            server = Server([*cmd, "--port", str(port)], port, env=env, cwd=cwd)
+            try:
+                for payload, rows in PAYLOADS.items():
+                    for concurrency in CONCURRENCY:
+                        cell = http_cell(server.url, records, rows, concurrency, args.seconds)
+                        cells.setdefault((name, payload, concurrency), []).append(cell)
+            finally:
+                server.stop()
+        print(
+            f"{run.name} rep {rep + 1}/{args.reps}: c=32 single "
+            + "  ".join(
+                f"{system} {reps[-1]['requests_per_s']:,.0f}/s"
+                for (system, payload, c), reps in cells.items()
+                if payload == "single" and c == 32
+            ),
+            flush=True,
+        )
+    return cells
+
+
+def _servers(run: Path, checkpoint: str):
+    """(name, command without its port, environment, working directory) of each server."""
+    yield (
+        "plain",
+        [sys.executable, "-m", "uvicorn", "plain_fastapi:app", "--workers", "1",
+         "--log-level", "warning"],
+        {"RAYTRAIN_CHECKPOINT": checkpoint},
+        ROOT / "scripts" / "baselines",
+    )  # fmt: skip
+    for name, replicas, env in SERVES:
+        yield name, [*RAYTRAIN, "serve", str(run), "--replicas", str(replicas)], env, ROOT
 
 
 # raytrain serve as it comes, with 1 and 2 replicas; and with Ray Serve's HAProxy ingress (an
@@ -278,30 +300,6 @@ SERVES = [
     ("serve-2", 2, {}),
     ("haproxy-1", 1, {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
 ]
-
-
-def measure(args, servers, onnx, run, records) -> dict:
-    """Every cell, every repetition: {(system, payload, concurrency): [cell, ...]}."""
-    cells: dict[tuple[str, str, int], list[dict]] = {}
-    for rep in range(args.reps):
-        for payload, rows in PAYLOADS.items():
-            for concurrency in CONCURRENCY:
-                key = ("onnx", payload, concurrency)
-                cells.setdefault(key, []).append(
-                    onnx_cell(onnx, run, records, rows, concurrency, args.seconds)
-                )
-                for name, server in servers.items():
-                    cell = http_cell(server.url, records, rows, concurrency, args.seconds)
-                    cells.setdefault((name, payload, concurrency), []).append(cell)
-                print(
-                    f"{run.name} rep {rep + 1}/{args.reps} {payload:>7} c={concurrency:<2} "
-                    + "  ".join(
-                        f"{name} {cells[(name, payload, concurrency)][-1]['requests_per_s']:,.0f}/s"
-                        for name in ["onnx", *servers]
-                    ),
-                    flush=True,
-                )
-    return cells
 
 
 def report(args, cells: dict) -> None:
