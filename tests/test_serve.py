@@ -80,7 +80,7 @@ class Service:
                 if self.proc.poll() is not None:
                     break
                 continue
-            if line.startswith("serving"):
+            if line.lstrip().startswith("serving"):
                 self.pids = self.descendants()
                 return
         raise AssertionError(f"not serving: {''.join(self.out)}{''.join(self.err)}")

@@ -217,7 +217,7 @@ def serve(args: argparse.Namespace, trained, console: Console) -> int:
             deployed = True
             url = f"http://{_shown_host(args.host)}:{args.port}{args.route_prefix.rstrip('/')}"
             console.line(
-                f"serving  {url}/predict in {time.perf_counter() - started:.1f} s "
+                f" serving  {url}/predict in {time.perf_counter() - started:.1f} s "
                 f"(GET {url}/ describes the model, {url}/docs the API)"
             )
             if args.detach:
