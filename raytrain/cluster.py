@@ -239,12 +239,11 @@ def route_cluster_message(line: str) -> tuple[str, str]:
     return "console", line
 
 
-def _relay_cluster_errors(verbose: bool) -> None:
+def _relay_cluster_errors() -> None:
     """Ray prints the cluster's error messages on the driver's console whatever the log level
     (ray._private.worker.listen_error_messages): a lost node as a coloured paragraph, warnings
     about its worker processes. Without --verbose they go where route_cluster_message says; the
-    log is ``raytrain_cluster_messages.log`` in the Ray session's log directory. Either way a
-    lost node makes the autoscaling coordinator look at the nodes again (``recount_nodes``)."""
+    log is ``raytrain_cluster_messages.log`` in the Ray session's log directory."""
     import ray._private.worker as ray_worker
 
     original = getattr(ray_worker, "print_to_stdstream", None)
@@ -252,9 +251,7 @@ def _relay_cluster_errors(verbose: bool) -> None:
         return  # another Ray version, or done already
 
     def relay(data: dict, ignore_prefix: bool) -> None:
-        if data.get("pid") != "raylet" or verbose:
-            if any(_NODE_DEAD.search(line) for line in data.get("lines", [])):
-                recount_nodes()
+        if data.get("pid") != "raylet":
             original(data, ignore_prefix)
             return
         console = []
@@ -262,7 +259,6 @@ def _relay_cluster_errors(verbose: bool) -> None:
             where, text = route_cluster_message(line)
             if where == "lost":
                 print(text, flush=True)
-                recount_nodes()
             elif where == "log":
                 _log_cluster_message(ray_worker, text)
             else:
@@ -408,7 +404,8 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
                 "the embedded Ray started without token auth: anyone who reaches this machine "
                 "could run code in it; stopped (this Ray version ignores RAY_AUTH_MODE=token)"
             )
-    _relay_cluster_errors(verbose)
+    if not verbose:
+        _relay_cluster_errors()
     data_ctx = DataContext.get_current()
     # Small blocks: what the driver buffers while it validates stays small however large a
     # Parquet file is (a block is read whole).
@@ -429,26 +426,6 @@ def start_autoscaling_coordinator() -> None:
     except ImportError:
         return
     get_or_create_autoscaling_coordinator()
-
-
-def recount_nodes() -> None:
-    """Ask the autoscaling coordinator to look at the cluster's nodes now (without waiting).
-
-    An elastic run restarts with as many workers as the coordinator says the cluster has room
-    for; the coordinator looks at the nodes every 20 s. Right after a node dies it still counts
-    the dead node's CPUs, so Ray Train asks for the old number of workers and waits out its
-    worker-group start timeout (60 s) before it settles for fewer. Called when Ray reports a
-    node dead: the coordinator's own ``recompute`` (a fresh look at the nodes) instead of its
-    next tick, so the restart asks for what the nodes left can hold."""
-    import ray
-
-    try:  # only the coordinator an elastic run (or Ray Data) started: none is created here
-        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-        coordinator.get_reserved_resources.remote("raytrain-recount", recompute=True)
-    except ValueError:
-        pass  # no coordinator: nothing counts the nodes ahead of time
-    except Exception:  # another Ray version, or Ray going down: the 20 s tick still comes
-        logging.getLogger(__name__).debug("recount_nodes failed", exc_info=True)
 
 
 def _interrupt(signum, frame) -> None:

@@ -164,10 +164,11 @@ def _kill_host_2_mid_run(cluster: Cluster, log: Path, prefix: str, *args: str):
 
 def test_a_host_that_dies_mid_training(cluster, tmp_path):
     """An elastic run (2-3 workers) loses host 2 with every process on it: it restarts on the two
-    hosts left, finishes every epoch and validates there. The recovery takes over a
-    minute with Ray's defaults: Ray Train first asks for 3 workers again (the head has not yet
-    noticed that the node is dead) and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s; 30 s
-    here, ``START_TIMEOUT``) before it settles for 2."""
+    hosts left, finishes every epoch and validates there, and trains again within 30 s of the
+    kill (asserted loosely: 45 s). Without raytrain.train.lost_nodes, Ray Train first asked for
+    3 workers again (the head had not yet noticed that the node is dead) and waited out
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s; 30 s here, ``START_TIMEOUT``) before it
+    settled for 2: 79-91 s."""
     hosts, epochs, log = cluster.hosts, 10, tmp_path / "driver.out"
     args = ("--workers", "2-3", "--epochs", str(epochs), "--name", "r1")
     code, killed_at = _kill_host_2_mid_run(cluster, log, "elastic", *args)
@@ -186,12 +187,13 @@ def test_a_host_that_dies_mid_training(cluster, tmp_path):
     assert results["epochs"] == epochs and results["validation"]["rows"] > 0
     validators = results["validation"]["validated_by"]["workers"]
     assert {w["node_ip"] for w in validators} == set(hosts.ips[:2]), validators
+    back = lines[restart]["start"]["time"] - killed_at
     print(
-        f"\nlost host {hosts.ips[2]}: the worker group restarted "
-        f"{lines[restart]['start']['time'] - killed_at:.1f} s after the kill (from epoch "
-        f"{lines[restart]['start']['from_epoch']}); its first epoch row came "
+        f"\nlost host {hosts.ips[2]}: the worker group restarted {back:.1f} s after the kill "
+        f"(from epoch {lines[restart]['start']['from_epoch']}); its first epoch row came "
         f"{first_row['time'] - killed_at:.1f} s after the kill\n{text}"
     )
+    assert back < 45, f"the worker group restarted {back:.1f} s after the kill"
 
 
 def test_a_host_lost_with_a_fixed_worker_count_fails_with_a_report(cluster, tmp_path):

@@ -25,6 +25,7 @@ from raytrain.storage import Location
 from raytrain.train import outcome
 from raytrain.train.gloo import GlooConfig
 from raytrain.train.loop import LoopArgs, train_loop_per_worker
+from raytrain.train.lost_nodes import RestartOnNodesLeft
 from raytrain.train.stopping import mode_of
 
 
@@ -112,14 +113,15 @@ def run_config(cfg: Config, plan: Plan, run_dir: Location) -> ray.train.RunConfi
             max_failures=cfg.run.max_failures,
             # The controller's own retries (a worker group that did not start) are unlimited
             # by default: a request that can never be placed would retry forever. An elastic
-            # run may need one per lost node: Ray Train first asks for the old size while
-            # the cluster still counts the dead node (about 15 s), waits out the start
-            # timeout (60 s), and then sizes the group to the nodes left.
+            # run may need one per lost node if its restart still asks for the old size
+            # (raytrain.train.lost_nodes prevents that where it can).
             controller_failure_limit=1
             if plan.min_workers is None
             else max(1, cfg.run.max_failures),
         ),
         logging_config=ray.train.LoggingConfig("INFO" if cfg.run.verbose else "ERROR"),
+        # An elastic run restarts on the nodes left at once, not after the start timeout.
+        callbacks=[] if plan.min_workers is None else [RestartOnNodesLeft()],
     )
 
 
