@@ -7,10 +7,19 @@ bit-identical to one process is tests/test_training.py's data-parallel test, unc
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 import pytest
+import torch
+import torch.multiprocessing
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from raytrain import config
 from raytrain.errors import UserError
+from raytrain.train import compression
 from tests.conftest import one_error_line, run_module
 
 # An MLP with a 64 x 10 and a 2 x 64 weight matrix: PowerSGD (rank 1) compresses the first.
@@ -106,3 +115,55 @@ def test_an_unknown_compression_mode_on_the_command_line_is_one_line():
     assert "train.gradient_compression: 'zip' (input should be 'none', 'fp16' or 'powersgd')" in (
         line
     ), line
+
+
+def _powersgd_steps(rank: int, world: int, port: int, out) -> None:
+    """One worker of the test below (a process): 6 steps of DDP with raytrain's PowerSGD hook."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(
+            nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.Linear(256, 2))
+        )
+        cfg = config.load(
+            overrides=["train.gradient_compression=powersgd", "train.powersgd.start_iter=2"]
+        ).train
+        hook = compression.register(model, cfg, rank)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        torch.manual_seed(rank)
+        for _ in range(6):
+            optimizer.zero_grad()
+            x, y = torch.randn(32, 256), torch.randint(0, 2, (32,))
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        saved = compression.gather(hook, rank, world)
+        torch.save({"model": model.module.state_dict(), "saved": saved}, out / f"{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_powersgd_trains_a_model_whose_gradients_fill_several_buckets(tmp_path):
+    """2.1 MB of gradients: DDP's buckets (1 MiB first) are three. torch's PowerSGD hook left
+    asynchronous interleaves their all-reduces differently on each worker and gloo hangs
+    forever; raytrain's finishes in seconds with both workers' weights equal (real processes
+    over gloo, no Ray)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = torch.multiprocessing.spawn(
+        _powersgd_steps, (2, port, tmp_path), nprocs=2, join=False
+    )
+    deadline, finished = time.monotonic() + 90, False
+    try:
+        while not finished and time.monotonic() < deadline:
+            finished = workers.join(timeout=max(deadline - time.monotonic(), 0.1))
+    finally:
+        for process in workers.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert finished, "PowerSGD over gloo did not finish 6 steps in 90 s"
+    ends = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    assert largest_difference(ends[0]["model"], ends[1]["model"]) == 0.0
+    assert ends[0]["saved"]["iter"] == 6 and len(ends[0]["saved"]["errors"]) == 2

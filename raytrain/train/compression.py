@@ -10,6 +10,8 @@ hooks, for networks too slow for float32 gradients.
   as two rank-r factors, with error feedback (what the approximation left out is added to the
   next step's gradient, per worker) and, with warm start, the last step's right factor Q as the
   next power iteration's start. After ``train.powersgd.start_iter`` steps of exact all-reduce.
+  Each bucket's two all-reduces finish before the next bucket's begin (torch's hook, left
+  asynchronous, deadlocks gloo once a model's gradients fill more than one DDP bucket, 1 MiB).
 
 PowerSGD's state lives across steps, so it goes into every checkpoint: the step count, the
 random generator, each parameter's Q (the same on every worker) and each worker's error
@@ -80,7 +82,13 @@ class PowerSGD:
                 for memory in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
                     memory.clear()
             self._place(index, layout)
-        return powerSGD_hook.powerSGD_hook(state, bucket)
+        # torch's hook all-reduces P, then Q, in callbacks on gloo's threads; with two buckets
+        # or more they interleave in another order on each worker and gloo waits forever.
+        # Finishing each bucket before DDP hands over the next keeps one order everywhere.
+        reduced = powerSGD_hook.powerSGD_hook(state, bucket).wait()
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(reduced)
+        return done
 
     def _place(self, index: int, layout: Layout) -> None:
         """Give bucket ``index`` its parameters' loose memory, flat in ``layout``'s order."""
