@@ -44,6 +44,11 @@ def test_four_workers_on_two_cores(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert Path(results["checkpoint"]) == run_dir / runs.checkpoint_name(2)
     assert results["validation"]["rows"] == 200
+    # One node: what the all-reduce costs is kept, but no verdict on a network is printed.
+    network = results["communication"]
+    assert network["gradient_mb"] == pytest.approx(88 / 1e6), network  # Linear(10, 2), float32
+    assert 0 <= network["share"] <= 1 and network["step_ms"] > 0, network
+    assert not any(line.lstrip().startswith("network") for line in lines), out
 
 
 @pytest.mark.ray

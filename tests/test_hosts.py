@@ -118,6 +118,13 @@ def test_a_ray_job_trains_on_every_host_with_object_storage(cluster):
     assert results["epochs"] == 2 and results["validation"]["rows"] == 200
     validated_by = results["validation"]["validated_by"]  # the workers, on their own hosts
     assert {w["node_ip"] for w in validated_by["workers"]} == ips, validated_by
+    # Workers on several hosts: the verdict on the network, once, after the first epoch.
+    verdicts = [line.strip() for line in out.splitlines() if line.strip().startswith("network ")]
+    assert len(verdicts) == 1 and f"bound across {len(ips)} nodes: all-reduce" in verdicts[0], out
+    print(verdicts[0])
+    network = results["communication"]
+    assert network["ring_mb_per_step"] == pytest.approx(2 * 2 / 3 * 88 / 1e6), network
+    assert 0 <= network["share"] <= 1 and network["allreduce_ms"] >= 0, network
 
 
 def _wait_for_rows(cluster: Cluster, prefix: str, name: str, proc, done, timeout: float = 300):

@@ -22,6 +22,10 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+# Above this share of a step the network is the bottleneck; below a tenth it hardly matters.
+NETWORK_BOUND = 0.5
+NEGLIGIBLE = 0.1
+
 
 class Console:
     """The quiet console view: a header, one line per epoch, the validation result, a summary.
@@ -47,6 +51,7 @@ class Console:
         self._session = ""  # the driver session being followed
         self._shown = 0  # the last epoch shown
         self._started = False  # whether the worker group of this session has started yet
+        self._judged = False  # whether the network's verdict has been said
 
     def line(self, text: str = "") -> None:
         with self._lock:
@@ -86,6 +91,16 @@ class Console:
         if line["epoch"] > self._shown:
             self._shown = line["epoch"]
             self.epoch(line, self._epochs)
+            self.network(line)
+
+    def network(self, row: dict[str, Any]) -> None:
+        """Once, after the first epoch of workers on more than one node: compute- or
+        network-bound, from what the all-reduce cost its steps (the row's ``communication``)."""
+        nodes = len({w.get("node_id") for w in row.get("workers", ())})
+        if self._judged or nodes < 2 or not row.get("communication"):
+            return
+        self._judged = True
+        self.line(f"{'network':>7}  {network_verdict(row['communication'], nodes)}")
 
     def epoch(self, row: dict[str, Any], epochs: int) -> None:
         saved = "  checkpoint" if row.get("checkpoint") else ""
@@ -206,3 +221,21 @@ class _EtaColumn(ProgressColumn):
 def _workers(validation: dict[str, Any]) -> str:
     count = len((validation.get("validated_by") or {}).get("workers") or ())
     return f"{count} worker{'s' if count != 1 else ''}"
+
+
+def network_verdict(comm: dict[str, Any], nodes: int) -> str:
+    """One line: compute- or network-bound, and by how much, for a run across ``nodes``."""
+    share, moved = comm["share"], comm["ring_mb_per_step"]
+    waited = f"all-reduce {comm['allreduce_ms']:.1f} ms of a {comm['step_ms']:.1f} ms step"
+    sent = f"{moved:.1f} MB sent per worker and step"
+    if share >= NETWORK_BOUND:
+        compute = comm["step_ms"] - comm["allreduce_ms"]
+        slower = comm["step_ms"] / compute if compute > 0 else float("inf")
+        return (
+            f"network-bound across {nodes} nodes: {waited} ({share:.0%}, {sent}); steps would "
+            f"run {slower:.1f}x faster without it: try train.gradient_compression=powersgd or "
+            "fp16, a larger batch per worker, or fewer nodes"
+        )
+    if share >= NEGLIGIBLE:
+        return f"partly network-bound across {nodes} nodes: {waited} ({share:.0%}, {sent})"
+    return f"compute-bound across {nodes} nodes: {waited} ({share:.0%}, {sent})"

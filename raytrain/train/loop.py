@@ -36,7 +36,7 @@ from raytrain.evaluate import regression_loss, regression_metrics, tally, tally_
 from raytrain.model import build_model, unwrap
 from raytrain.runs import checkpoint_name
 from raytrain.storage import Location
-from raytrain.train import checkpoint, compression
+from raytrain.train import checkpoint, communication, compression
 from raytrain.train.batches import (
     HELD_OUT_BYTES,
     VAL_BATCH,
@@ -97,13 +97,14 @@ def train_epoch(
     regression: str | None = None,
 ) -> dict[str, float]:
     """One epoch over this worker's batches; returns its own loss sum, correct count, rows, the
-    seconds spent in forward, backward and the optimizer step (the rest is waiting for data), and
-    the first step (1-based) whose loss was not finite, or 0."""
+    seconds spent in forward, backward and the optimizer step (the rest is waiting for data), the
+    steps, and the first step (1-based) whose loss was not finite, or 0."""
     model.train()
     # Summed on tensors and read once per epoch: an .item() per step would sync every step.
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen = compute = 0.0
+    steps = 0
     first_bad = torch.zeros((), dtype=torch.int64)
     for step, (xb, yb, global_rows) in enumerate(batches, start=1):
         step_started = time.perf_counter()
@@ -125,12 +126,14 @@ def train_epoch(
         bad = ~torch.isfinite(summed.detach()) & (first_bad == 0)
         first_bad = torch.where(bad, step, first_bad)
         seen += len(yb)
+        steps = step
         compute += time.perf_counter() - step_started
     return {
         "loss_sum": loss_sum.item(),
         "correct": float(correct.item()),
         "rows": seen,
         "compute_s": compute,
+        "steps": float(steps),
         "bad_step": float(first_bad.item()),
     }
 
@@ -336,6 +339,7 @@ class Worker:
             self.model, self.optimizer, batches, self.world, cfg.grad_clip, weights, regression
         )
         local.update(epoch_time_s=time.perf_counter() - started, started_at=started_at)
+        local["comm_s"] = communication.exposed_seconds(self.model)
         whole = None
         if validation_due(done, cfg):
             mine, whole = self.validate()
@@ -344,6 +348,9 @@ class Worker:
             local.update(NOT_VALIDATED)
         stats = gather_epoch(local, self.world)
         totals = {**epoch_totals(done, stats), "lr": lr}
+        network = communication.summary(stats, communication.gradient_bytes(self.model))
+        if network is not None:
+            totals["communication"] = network
         if self.args.target is not None:  # regression: no accuracy, its errors instead
             totals.pop("accuracy")
             totals.pop("val_accuracy", None)

@@ -8,12 +8,14 @@ whose loss became NaN or infinite: the first such step, 1-based; training stops 
 ``val_loss``, ``val_accuracy`` (over all validation rows, each worker validating its share),
 ``val_log_loss`` (the same as ``val_loss``: named as scikit-learn names it), ``val_f1`` (macro),
 ``val_auc`` (binary; one-vs-rest macro for more classes; raytrain.evaluate), ``val_rows`` and
-``val_time_s`` (the slowest worker's); ``stopped_early`` (only in the epoch early
-stopping ended: ``best_epoch`` and ``best``); ``checkpoint`` (the checkpoint this epoch wrote, or
-null), ``time`` and ``workers``: per worker ``rank``, ``node_id``, ``node_ip``, ``started_at``,
-``compute_s``, ``loss``, ``accuracy``, ``rows``, ``epoch_time_s``, ``samples_per_s``; in the first
-epoch after a start of the worker group also when the worker entered the loop (``loop_start``)
-and had its model (``model_built``), DDP (``model_ready``) and data (``data_ready``).
+``val_time_s`` (the slowest worker's); with two workers or more ``communication`` (what the
+gradient all-reduce cost a step: raytrain.train.communication); ``stopped_early`` (only in the
+epoch early stopping ended: ``best_epoch`` and ``best``); ``checkpoint`` (the checkpoint this
+epoch wrote, or null), ``time`` and ``workers``: per worker ``rank``, ``node_id``, ``node_ip``,
+``started_at``, ``compute_s``, ``loss``, ``accuracy``, ``rows``, ``epoch_time_s``,
+``samples_per_s``; in the first epoch after a start of the worker group also when the worker
+entered the loop (``loop_start``) and had its model (``model_built``), DDP (``model_ready``)
+and data (``data_ready``).
 
 TensorBoard (``tensorboard --logdir RUN_DIR/tensorboard``), step = epoch: ``train/loss``,
 ``train/accuracy``, ``train/lr``, ``val/loss``, ``val/accuracy``, ``perf/samples_per_s``,
@@ -47,6 +49,8 @@ STATS = (
     "rows",
     "epoch_time_s",
     "compute_s",
+    "steps",
+    "comm_s",
     "started_at",
     "bad_step",
     "val_loss_sum",

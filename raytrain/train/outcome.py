@@ -129,6 +129,8 @@ def results(
         "stopped_early": rows[-1].get("stopped_early") if rows else None,
         "epochs": rows[-1]["epoch"] if rows else 0,
         "train": {k: v for k, v in rows[-1].items() if k != "workers"} if rows else {},
+        # What the gradient all-reduce cost a step in the last epoch (two workers or more).
+        "communication": rows[-1].get("communication") if rows else None,
         "validation": validation,
         "workers": plan.workers_text,
         "placement": placement(rows),
