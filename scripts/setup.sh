@@ -18,7 +18,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 log="$venv/setup.log"
-echo "raytrain: setting up $venv (first run only; about two minutes)" >&2
+echo "raytrain: setting up $venv (first run only; under a minute)" >&2
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 : > "$log"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@" >>"$log" 2>&1; }
@@ -31,6 +31,12 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
         pip install "$torch_spec" || fail "could not install $torch_spec"
     fi
 fi
-pip install -e "$root[test]" || fail "could not install raytrain and its dependencies"
+# The rest through uv where it can be had: it installs in about 10 s what pip takes 2.5 minutes
+# for here. uv reads no pip.conf, so behind a private index it may fail: then pip does it. torch
+# is in place already and satisfies the project's range, so neither touches it.
+uv() { "$venv/bin/python" -m uv pip install --python "$venv/bin/python" "$@" >>"$log" 2>&1; }
+if ! { pip install "uv>=0.4" && uv -e "$root[test]"; }; then
+    pip install -e "$root[test]" || fail "could not install raytrain and its dependencies"
+fi
 echo "$want" > "$stamp"
 echo "raytrain: set-up done" >&2
