@@ -26,21 +26,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain import config
+from raytrain.model import MLP
 from raytrain.train import compression
 
-MODELS = {  # layer widths: scripts/bench.py's compute MLP, and one with tens of MB of gradients
-    "mlp": [256, 1024, 1024, 2],
-    "large": [256, 2048, 2048, 2048, 2],
+MODELS = {  # hidden widths: scripts/bench.py's compute MLP, and one with tens of MB of gradients
+    "mlp": (1024, 1024),
+    "large": (2048, 2048, 2048),
 }
+FEATURES, CLASSES = 256, 2
 BATCH = 64  # rows per worker and step
 POWERSGD_RANK = 2
-
-
-def build(widths: list[int]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for a, b in zip(widths, widths[1:], strict=False):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
 
 
 def steps_for(grad_bytes: int, world: int, rate_mbit: float | None) -> int:
@@ -53,13 +48,13 @@ def steps_for(grad_bytes: int, world: int, rate_mbit: float | None) -> int:
 
 def cell(name: str, mode: str, world: int, rate_mbit: float | None) -> dict:
     torch.manual_seed(0)
-    model = DistributedDataParallel(build(MODELS[name]))
+    model = DistributedDataParallel(MLP(FEATURES, CLASSES, MODELS[name]))  # raytrain's
     settings = [f"train.gradient_compression={mode}", f"train.powersgd.rank={POWERSGD_RANK}"]
     cfg = config.load(overrides=[*settings, "train.powersgd.start_iter=2"]).train
     compression.register(model, cfg, dist.get_rank())  # raytrain's hooks, as its workers use
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(BATCH, MODELS[name][0])
-    y = torch.randint(0, MODELS[name][-1], (BATCH,))
+    x = torch.randn(BATCH, FEATURES)
+    y = torch.randint(0, CLASSES, (BATCH,))
     loss_fn = nn.CrossEntropyLoss()
 
     def step(sync: bool) -> float:
