@@ -552,3 +552,24 @@ def test_ray_cluster_messages_are_routed_without_verbose(message, where, text):
     reaches the console as Ray wrote it."""
     routed = cluster.route_cluster_message(message)
     assert routed == (where, text if text is not None else message)
+
+
+def test_no_network_verdict_without_ddps_statistics():
+    """Workers on two nodes: a verdict from what DDP measured; none where DDP kept no statistics
+    (a worker's all-reduce time unknown), rather than a "compute-bound" read from a zero."""
+    import math
+
+    from raytrain.train.communication import summary
+
+    def shown(comm_s: float) -> str:
+        stats = [{"compute_s": 1.0, "steps": 100, "comm_s": c} for c in (comm_s, 0.004)]
+        row = {"communication": summary(stats, 4_000_000)}
+        row["workers"] = [{"node_id": "a"}, {"node_id": "b"}]
+        out = io.StringIO()
+        Console(out).network(row)
+        return out.getvalue()
+
+    assert "network-bound across 2 nodes: all-reduce 5.0 ms of a 10.0 ms step" in shown(0.006)
+    unknown = summary([{"compute_s": 1.0, "steps": 100, "comm_s": math.nan}] * 2, 4_000_000)
+    assert unknown["allreduce_ms"] is None and unknown["share"] is None, unknown
+    assert shown(math.nan) == ""

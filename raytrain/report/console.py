@@ -97,7 +97,8 @@ class Console:
         """Once, after the first epoch of workers on more than one node: compute- or
         network-bound, from what the all-reduce cost its steps (the row's ``communication``)."""
         nodes = len({w.get("node_id") for w in row.get("workers", ())})
-        if self._judged or nodes < 2 or not row.get("communication"):
+        comm = row.get("communication")
+        if self._judged or nodes < 2 or not comm or comm.get("share") is None:
             return
         self._judged = True
         self.line(f"{'network':>7}  {network_verdict(row['communication'], nodes)}")

@@ -12,6 +12,7 @@ driver prints the verdict once, after the first epoch, when the workers span mor
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,8 +26,8 @@ def gradient_bytes(model: torch.nn.Module) -> int:
 
 def exposed_seconds(model: torch.nn.Module) -> float:
     """This worker's average seconds per step spent waiting for the all-reduce after its
-    backward pass finished, from DDP's statistics; 0 without DDP (one worker) or without the
-    statistics (torch calls the interface a prototype)."""
+    backward pass finished, from DDP's statistics; 0 without DDP (one worker), NaN when DDP
+    kept no statistics (torch calls the interface a prototype): unknown, not free."""
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
@@ -34,25 +35,29 @@ def exposed_seconds(model: torch.nn.Module) -> float:
     try:
         data = model._get_ddp_logging_data()
     except (AttributeError, RuntimeError):
-        return 0.0
-    comm = data.get("avg_backward_comm_time", 0) or 0
+        return math.nan
+    comm = data.get("avg_backward_comm_time")
+    if not comm:
+        return math.nan
     overlap = data.get("avg_backward_compute_comm_overlap_time", 0) or 0
     return max(comm - overlap, 0) / 1e9
 
 
 def summary(stats: list[dict[str, float]], grad_bytes: int) -> dict[str, Any] | None:
     """The epoch's ``communication`` from every worker's ``compute_s``, ``steps`` and
-    ``comm_s``, or None for one worker."""
+    ``comm_s``, or None for one worker. Where a worker's ``comm_s`` is unknown (NaN), so are
+    ``allreduce_ms`` and ``share`` (None), and no verdict is given."""
     world = len(stats)
     steps = [s["steps"] for s in stats if s["steps"]]
     if world < 2 or not steps:
         return None
     step = sum(s["compute_s"] / s["steps"] for s in stats if s["steps"]) / len(steps)
     network = sum(s["comm_s"] for s in stats) / world
+    known = not math.isnan(network)
     return {
         "gradient_mb": grad_bytes / 1e6,
         "ring_mb_per_step": 2 * (world - 1) / world * grad_bytes / 1e6,
         "step_ms": step * 1e3,
-        "allreduce_ms": network * 1e3,
-        "share": network / step if step > 0 else 0.0,
+        "allreduce_ms": network * 1e3 if known else None,
+        "share": (network / step if step > 0 else 0.0) if known else None,
     }
