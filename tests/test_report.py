@@ -573,3 +573,8 @@ def test_no_network_verdict_without_ddps_statistics():
     unknown = summary([{"compute_s": 1.0, "steps": 100, "comm_s": math.nan}] * 2, 4_000_000)
     assert unknown["allreduce_ms"] is None and unknown["share"] is None, unknown
     assert shown(math.nan) == ""
+    # DDP's sampled steps (Gloo's warm-up among them) above the step's average: capped at it,
+    # never "inf x faster".
+    whole = shown(0.02)
+    assert "all-reduce 10.0 ms of a 10.0 ms step (100%" in whole, whole
+    assert "the step is almost all all-reduce" in whole and "inf" not in whole, whole

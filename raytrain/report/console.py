@@ -231,11 +231,15 @@ def network_verdict(comm: dict[str, Any], nodes: int) -> str:
     sent = f"{moved:.1f} MB sent per worker and step"
     if share >= NETWORK_BOUND:
         compute = comm["step_ms"] - comm["allreduce_ms"]
-        slower = comm["step_ms"] / compute if compute > 0 else float("inf")
+        gain = (
+            f"steps would run {comm['step_ms'] / compute:.1f}x faster without it"
+            if compute > 0.05 * comm["step_ms"]
+            else "the step is almost all all-reduce"
+        )
         return (
-            f"network-bound across {nodes} nodes: {waited} ({share:.0%}, {sent}); steps would "
-            f"run {slower:.1f}x faster without it: try train.gradient_compression=powersgd or "
-            "fp16, a larger batch per worker, or fewer nodes"
+            f"network-bound across {nodes} nodes: {waited} ({share:.0%}, {sent}); {gain}: try "
+            "train.gradient_compression=powersgd or fp16, a larger batch per worker, or fewer "
+            "nodes"
         )
     if share >= NEGLIGIBLE:
         return f"partly network-bound across {nodes} nodes: {waited} ({share:.0%}, {sent})"

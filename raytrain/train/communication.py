@@ -52,7 +52,9 @@ def summary(stats: list[dict[str, float]], grad_bytes: int) -> dict[str, Any] | 
     if world < 2 or not steps:
         return None
     step = sum(s["compute_s"] / s["steps"] for s in stats if s["steps"]) / len(steps)
-    network = sum(s["comm_s"] for s in stats) / world
+    # DDP averages the steps it samples (the first 10, then every 100th), whose first ones carry
+    # Gloo's warm-up; the step is every step's average and includes the all-reduce: capped at it.
+    network = min(sum(s["comm_s"] for s in stats) / world, step)
     known = not math.isnan(network)
     return {
         "gradient_mb": grad_bytes / 1e6,
