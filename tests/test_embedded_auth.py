@@ -61,8 +61,12 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 def client(address: str, home: Path, token: str | None) -> subprocess.Popen:
-    """A Python process that knows nothing of the run: another HOME, no RAY_* settings."""
-    env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    """A Python process that knows nothing of the run: another HOME, no RAY_* settings but how
+    often it retries."""
+    # Ray's own patience with a GCS that does not let it in: 5 tries of the session's name
+    # instead of 20 (a second each), so a refused client gives up in seconds; it has nothing to
+    # do with the token.
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "RAY_NUM_REDIS_GET_RETRIES": "5"}
     if token is not None:
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     return subprocess.Popen(

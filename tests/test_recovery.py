@@ -227,18 +227,6 @@ def test_a_checkpoint_that_cannot_be_written_keeps_its_epochs_row(ray_session, t
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigterm_stops_the_run_and_keeps_its_checkpoints(tmp_path):
-    proc = start_cli(*SLOWER, "--epochs", "50", "--storage-path", str(tmp_path), "--name", "t1")
-    wait_for_checkpoint(tmp_path / "t1", proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--resume t1" in out, out
-    latest = runs.latest_checkpoint(tmp_path / "t1")
-    assert latest is not None and checkpoint.load(latest)["epoch"] >= 1
-
-
-@pytest.mark.ray
-@pytest.mark.slow
 def test_giving_up_names_the_worker_the_epoch_and_the_last_checkpoint(tmp_path):
     proc = start_cli(
         "--workers",

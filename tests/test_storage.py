@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from raytrain.config import DataConfig
 from raytrain.data.synthetic import draw
 from raytrain.data.tables import xy_table
 from raytrain.storage import Location
+from raytrain.train import checkpoint
 
 from .conftest import ROOT, one_error_line, save_checkpoint
 from .s3server import S3Server, free_port
@@ -86,11 +88,15 @@ def test_a_run_on_object_storage_is_interrupted_resumed_listed_and_reported(s3):
     wait_for_epochs(run_dir, 2, proc)
     wait_for_checkpoint(run_dir, proc)
     started = time.monotonic()
-    proc.send_signal(2)  # Ctrl-C
+    # SIGTERM, as a scheduler or `kill` stops a job (Ctrl-C is tests/test_recovery.py's): the
+    # run stops as on Ctrl-C, keeps its checkpoints and says how to continue.
+    proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in out, out
     resume = out.splitlines()[-1].removeprefix("raytrain: continue with: ")
     assert resume == f"python -m raytrain.main --resume r1 --storage-path {shlex.quote(storage)}"
+    latest = runs.latest_checkpoint(run_dir)
+    assert latest is not None and checkpoint.load_at(latest)["epoch"] >= 1
 
     proc = start_cli(*shlex.split(resume)[3:])
     out, _ = proc.communicate(timeout=300)

@@ -1,4 +1,4 @@
-"""raytrain tune: sweeps on Ray Tune, each trial an ordinary raytrain run. A sweep of 8 trials x
+"""raytrain tune: sweeps on Ray Tune, each trial an ordinary raytrain run. A sweep of 6 trials x
 1 worker x 3 epochs on an embedded Ray with ASHA stopping trials and a trial that fails; its best
 config trained again to the same validation; a sweep interrupted and resumed; bad sweep files
 and a sweep larger than a cluster, one line each."""
@@ -46,7 +46,6 @@ SWEEP = {
             "model.name": {
                 "grid": [
                     "simple",
-                    "mlp",
                     "tests.custom_model:TinyNet",
                     "tests.custom_model:NotAModule",
                 ]
@@ -85,7 +84,7 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, mlflow_server):
-    """The sweep of 8 trials, tracked in MLflow."""
+    """The sweep of 6 trials (2 of them fail), tracked in MLflow."""
     root = tmp_path_factory.mktemp("sweep")
     spec = write_sweep(root / "s.yaml")
     tracked = yaml.safe_load(spec.read_text())
@@ -93,17 +92,17 @@ def swept(tmp_path_factory, mlflow_server):
     spec.write_text(yaml.safe_dump(tracked))
     started = time.monotonic()
     proc = tune_cli("--config", str(spec), "--storage-path", str(root), "--name", "s1")
-    print(f"sweep of 8 trials: {time.monotonic() - started:.0f} s")
+    print(f"sweep of 6 trials: {time.monotonic() - started:.0f} s")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root / "s1", proc
 
 
 @pytest.mark.ray
-def test_a_sweep_of_8_trials_with_asha_and_a_failing_trial(swept):
+def test_a_sweep_of_6_trials_with_asha_and_a_failing_trial(swept):
     sweep_dir, proc = swept
     results = json.loads((sweep_dir / "sweep.json").read_text())
     trials = results["trials"]
-    assert len(trials) == 8
+    assert len(trials) == 6
     statuses = [t["status"] for t in trials]
     failed = [t for t in trials if t["status"] == "failed"]
     assert [t["params"]["model.name"] for t in failed] == ["tests.custom_model:NotAModule"] * 2
@@ -127,7 +126,7 @@ def test_a_sweep_of_8_trials_with_asha_and_a_failing_trial(swept):
         if t["status"] == "finished":
             run = json.loads((Path(t["run_dir"]) / "results.json").read_text())
             assert (run["best"]["epoch"], run["best"]["value"]) == (t["best_epoch"], t["best"])
-    assert (sweep_dir / "sweep.csv").read_text().count("\n") == 9
+    assert (sweep_dir / "sweep.csv").read_text().count("\n") == 7
     out = proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert f"best  {best['trial']}" in out and "raytrain train --config" in out
@@ -174,7 +173,7 @@ def test_an_interrupted_sweep_resumes_and_runs_only_what_was_left(tmp_path):
         trials=1,
         concurrent=1,
         scheduler="none",
-        space={"train.lr": {"grid": [0.02, 0.05, 0.1]}},
+        space={"train.lr": {"grid": [0.02, 0.05]}},
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
@@ -215,7 +214,7 @@ def test_an_interrupted_sweep_resumes_and_runs_only_what_was_left(tmp_path):
     again = tune_cli("--resume", "s2", "--storage-path", str(tmp_path))
     assert again.returncode == 0, again.stdout + again.stderr
     trials = json.loads((sweep_dir / "sweep.json").read_text())["trials"]
-    assert sorted(t["params"]["train.lr"] for t in trials) == [0.02, 0.05, 0.1]
+    assert sorted(t["params"]["train.lr"] for t in trials) == [0.02, 0.05]
     assert all(t["status"] == "finished" for t in trials), trials
     for name in finished_before:  # a finished trial was not run again
         rows = runs.read_metrics(sweep_dir / name)
