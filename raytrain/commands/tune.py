@@ -133,8 +133,9 @@ def sweep_on_ray(args, cfg, base, sweep, sweep_dir: Location, console: Console, 
             check=trials.shared_check(cfg, plan, ahead) if once else None,
         )
         grid = tuner.run_tuner(setup, sweep, cfg, sweep_dir, console, resume=resumed)
-        # Trials not yet created when the sweep was interrupted are not in the grid.
-        interrupted = grid.num_terminated + grid.num_errors < tuner.expected_trials(sweep)
+        # Trials not yet created when the sweep was interrupted are not in the grid; one that
+        # was pending is, as TERMINATED, but it never ran.
+        interrupted = results.trials_done(sweep_dir, grid) < tuner.expected_trials(sweep)
         summary = results.summarize(sweep_dir, sweep, cfg.train.epochs, grid, interrupted)
     return summary, interrupted, plan.ray_start_s
 

@@ -22,6 +22,20 @@ from raytrain.train.stopping import best_of
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})")
 
 
+def trials_done(sweep_dir: Location, grid) -> int:
+    """How many of Tune's trials ran to an end: failed, reported an epoch (finished or stopped
+    early by the scheduler) or wrote results.json. A trial still pending when Ctrl-C came is
+    TERMINATED in Tune's grid too, but never ran: it is not done."""
+    done = 0
+    for result in grid:
+        found = _TRIAL_ID.search(os.path.basename(str(result.path).rstrip("/")))
+        trial = (result.metrics or {}).get("trial_id") or (found.group(1) if found else None)
+        finished = trial and (sweep_dir / f"{TRIAL_PREFIX}{trial}" / runs.RESULTS_FILE).is_file()
+        reported = (result.metrics or {}).get("epoch") is not None
+        done += bool(result.error is not None or reported or finished)
+    return done
+
+
 def summarize(sweep_dir: Location, sweep, epochs: int, grid, interrupted: bool) -> list[dict]:
     """Every trial's parameters, best metric, epochs, status and run directory, from its run
     directory (its config and metrics rows) and Tune's results (errors)."""
