@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from raytrain.cluster import init_ray
-    from raytrain.data.synthetic import generate
+    from raytrain.data.synthetic import claim_out, generate
     from raytrain.storage import Location
 
     given = {f"data.{name}": getattr(args, name) for name in GENERATED}
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         flags={k: config.parse_value(v, k) for k, v in given.items() if v is not None}
     ).data
     started = time.perf_counter()
+    claim_out(args.out)  # a bad or taken --out is said before Ray starts
     init_ray(args.address, None, verbose=False)
     try:
         written = generate(args.rows, args.out, args.rows_per_file, data)

@@ -74,11 +74,9 @@ def write_block(index: int, rows: int, out: str | Location, cfg: DataConfig) -> 
     return str(path), rows
 
 
-def generate(rows: int, out: str, rows_per_file: int, cfg: DataConfig) -> list[tuple[str, int]]:
-    """Write ``rows`` rows as Parquet files of ``rows_per_file`` rows, one Ray task per file
-    (needs a connected Ray), so that no row passes through the driver."""
-    import ray
-
+def claim_out(out: str) -> Location:
+    """The output directory, made if missing; UserError if it cannot be written or already holds
+    Parquet files (said before Ray starts, by ``raytrain data generate``)."""
     out = Location.of(out)
     try:
         out.mkdir()
@@ -89,6 +87,15 @@ def generate(rows: int, out: str, rows_per_file: int, cfg: DataConfig) -> list[t
         raise UserError(
             f"--out {str(out)!r} already holds Parquet files; choose an empty directory"
         )
+    return out
+
+
+def generate(rows: int, out: str, rows_per_file: int, cfg: DataConfig) -> list[tuple[str, int]]:
+    """Write ``rows`` rows as Parquet files of ``rows_per_file`` rows, one Ray task per file
+    (needs a connected Ray), so that no row passes through the driver."""
+    import ray
+
+    out = claim_out(out)
     task = ray.remote(num_cpus=1)(write_block)
     starts = range(0, rows, rows_per_file)
     refs = [
