@@ -23,7 +23,7 @@ from raytrain.train import checkpoint, driver
 
 ROOT = Path(__file__).resolve().parent.parent
 # Fixtures that train a model or start a cluster: a test that uses one is slow.
-SLOW_FIXTURES = {"train", "ray_cluster", "cluster", "swept", "run", "finished_run", "tabular_run"}
+SLOW_FIXTURES = {"train", "ray_cluster", "cluster", "swept", "run", "two_epoch_run", "tabular_run"}
 
 
 def pytest_collection_modifyitems(items):
@@ -88,6 +88,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One MLflow tracking server for the session (tests/mlflowserver.py): the tracked run and
+    the tracked sweep log to experiments of their own in it."""
+    from tests.mlflowserver import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
 class Trained:
     """What one real training run left behind."""
 
@@ -124,6 +135,13 @@ def train(ray_session, tmp_path_factory):
         return Trained(cfg, results, out.getvalue())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def two_epoch_run(train):
+    """2 workers, 2 epochs, a checkpoint each, with its report: trained once for the tests that
+    read a finished run (its report, resuming it, damaged copies of its checkpoint)."""
+    return train("scaling.workers=2", "train.epochs=2", "train.checkpoint_every=1", report=True)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,13 @@ def exact(train):
     return train(*MLP)
 
 
+@pytest.fixture(scope="module")
+def powersgd(train):
+    """The PowerSGD run, uninterrupted: measured against exact all-reduce, and the reference of
+    the run that loses a worker."""
+    return train(*MLP, "train.gradient_compression=powersgd")
+
+
 @pytest.mark.ray
 def test_fp16_stays_within_its_tolerance_of_exact_all_reduce(train, exact):
     fp16 = train(*MLP, "train.gradient_compression=fp16")
@@ -55,8 +62,7 @@ def test_fp16_stays_within_its_tolerance_of_exact_all_reduce(train, exact):
 
 
 @pytest.mark.ray
-def test_powersgd_is_approximate_and_its_cost_in_validation_is_measured(train, exact):
-    powersgd = train(*MLP, "train.gradient_compression=powersgd")
+def test_powersgd_is_approximate_and_its_cost_in_validation_is_measured(powersgd, exact):
     difference = largest_difference(powersgd.state["model"], exact.state["model"])
     ours, theirs = powersgd.results["validation"], exact.results["validation"]
     print(
@@ -72,15 +78,14 @@ def test_powersgd_is_approximate_and_its_cost_in_validation_is_measured(train, e
 
 
 @pytest.mark.ray
-def test_a_powersgd_run_that_loses_a_worker_continues_its_state(train):
+def test_a_powersgd_run_that_loses_a_worker_continues_its_state(train, powersgd):
     """Measured: the resumed run ends within 3e-7 of the uninterrupted one (weights) and 7e-6
     (error feedback). Not bit for bit, unlike 'none': the first step after a restart runs in
     DDP's initial bucket layout, so PowerSGD's matrix products run on other memory and round
     differently. A restore that loses or misplaces the state (error feedback added to the
     wrong parameters, Q drawn afresh) lands 1e-4 or more away."""
-    args = (*MLP, "train.gradient_compression=powersgd")
-    uninterrupted = train(*args)
-    recovered = train(*args, fail_at=(1, 4))
+    uninterrupted = powersgd
+    recovered = train(*MLP, "train.gradient_compression=powersgd", fail_at=(1, 4))
     assert (recovered.run_dir / ".fault-injected-rank1-epoch4").exists()
     assert "restart: the worker group restarted from the checkpoint of epoch 3" in (
         recovered.console

@@ -318,16 +318,11 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def finished_run(train):
-    return train("scaling.workers=2", "train.epochs=2", "train.checkpoint_every=1")
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("damage", CASES.values(), ids=CASES.keys())
-def test_bad_checkpoint_is_refused_with_the_path(damage, finished_run, tmp_path, capsys):
-    run_dir = tmp_path / finished_run.run_dir.name
-    shutil.copytree(finished_run.run_dir, run_dir)
+def test_bad_checkpoint_is_refused_with_the_path(damage, two_epoch_run, tmp_path, capsys):
+    run_dir = tmp_path / two_epoch_run.run_dir.name
+    shutil.copytree(two_epoch_run.run_dir, run_dir)
     latest = Path(runs.latest_checkpoint(run_dir))
     damage(latest)
     before = sorted(p.name for p in run_dir.rglob("*"))
@@ -352,7 +347,7 @@ def test_malicious_checkpoint_is_refused_by_load(tmp_path):
 
 
 @pytest.mark.ray
-def test_finished_run_needs_more_epochs_to_resume(finished_run, capsys):
-    code = main(["--resume", str(finished_run.run_dir)])
+def test_two_epoch_run_needs_more_epochs_to_resume(two_epoch_run, capsys):
+    code = main(["--resume", str(two_epoch_run.run_dir)])
     assert code == EXIT_USAGE
     assert "already trained 2 epochs" in capsys.readouterr().err

@@ -506,8 +506,8 @@ def test_run_list_of_a_missing_storage_path_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_real_runs_report_shows_every_phase(train):
-    trained = train("scaling.workers=2", "train.epochs=2", report=True)
+def test_a_real_runs_report_shows_every_phase(two_epoch_run):
+    trained = two_epoch_run
     page = (trained.run_dir / runs.REPORT_HTML).read_text()
     assert cells(page, "Where the time went")[0::3] == list(runs.PHASES.values())
     assert set(trained.results["phases"]) == set(runs.PHASES)

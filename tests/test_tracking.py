@@ -6,17 +6,9 @@ from __future__ import annotations
 import pytest
 
 from raytrain.tracking import TrackingError
-from tests.mlflowserver import MlflowServer
 from tests.s3server import free_port
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    yield server
-    server.stop()
 
 
 def test_a_run_logs_its_config_epochs_results_and_best_checkpoint(train, mlflow_server):

@@ -28,7 +28,6 @@ from raytrain.sweep import spec as sweep_spec
 from raytrain.sweep.results import best_trial, summarize
 from raytrain.train.outcome import validation_of
 from tests.conftest import ROOT, one_error_line, save_checkpoint
-from tests.mlflowserver import MlflowServer
 
 SWEEP = {
     "data": {"samples": 1000},
@@ -73,13 +72,6 @@ def tune_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         env=env,
         timeout=timeout,
     )
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
