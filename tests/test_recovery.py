@@ -347,7 +347,7 @@ def test_malicious_checkpoint_is_refused_by_load(tmp_path):
 
 
 @pytest.mark.ray
-def test_two_epoch_run_needs_more_epochs_to_resume(two_epoch_run, capsys):
+def test_finished_run_needs_more_epochs_to_resume(two_epoch_run, capsys):
     code = main(["--resume", str(two_epoch_run.run_dir)])
     assert code == EXIT_USAGE
     assert "already trained 2 epochs" in capsys.readouterr().err
