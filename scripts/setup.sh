@@ -34,7 +34,15 @@ fi
 # The rest through uv where it can be had: it installs in about 10 s what pip takes 2.5 minutes
 # for here. uv reads no pip.conf, so behind a private index it may fail: then pip does it. torch
 # is in place already and satisfies the project's range, so neither touches it.
-uv() { "$venv/bin/python" -m uv pip install --python "$venv/bin/python" "$@" >>"$log" 2>&1; }
+# --compile-bytecode does what pip does by default: writes each module's .pyc at install. Without
+# it a Python that may not write bytecode (PYTHONDONTWRITEBYTECODE=1, as on this machine)
+# compiles Ray, pandas and the rest from source in every process it starts: importing
+# ray.train.torch took 5.3 s of CPU instead of 2.5 s, and each Ray Train run starts four or more
+# such processes (measured in docs/testing.md).
+uv() {
+    "$venv/bin/python" -m uv pip install --compile-bytecode --python "$venv/bin/python" "$@" \
+        >>"$log" 2>&1
+}
 if ! { pip install "uv>=0.4" && uv -e "$root[test]"; }; then
     pip install -e "$root[test]" || fail "could not install raytrain and its dependencies"
 fi
