@@ -1,7 +1,7 @@
 """One embedded Ray for the whole test session, and helpers that run real trainings on it.
 
 Tests that start Ray in any way carry the ``ray`` marker: ``scripts/test -m "not ray"`` runs the
-rest in well under a minute. Tests that train or start a cluster carry ``slow`` as well, marked
+rest in about a minute. Tests that train or start a cluster carry ``slow`` as well, marked
 here when they use a fixture that trains (``SLOW_FIXTURES``) and by hand when they train in a
 process of their own: ``scripts/test -m "not slow"`` runs the rest in a few minutes.
 """
