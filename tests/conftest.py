@@ -171,6 +171,21 @@ def tabular_run(train, tmp_path_factory):
     return get
 
 
+def predict_here(*argv: str, cores: int = 2):
+    """``raytrain predict ARGV`` on the session's Ray: the command's checks, then its run."""
+    from raytrain import cli
+    from raytrain.commands import predict
+
+    args = cli.build_parser().parse_args(["predict", *argv])
+    checked = predict.prepare(args)
+    cfg = predict.cluster_config(args, args.data, str(checked[2].parent))
+    out = io.StringIO()
+    manifest, metrics = predict.execute(
+        args, checked, cluster.plan_embedded(cfg, cores), Console(out)
+    )
+    return manifest, metrics, out.getvalue()
+
+
 def save_checkpoint(
     directory,
     model_name: str = "simple",

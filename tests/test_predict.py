@@ -6,7 +6,6 @@ row order across files and units, for outputs that are never half there, and for
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,15 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytrain import cli, cluster, config
-from raytrain.commands import predict
+from raytrain import cli, config
 from raytrain.data.scaling import Scaling
 from raytrain.errors import UserError
 from raytrain.inference import batch as inference
 from raytrain.model import build_model
-from raytrain.report.console import Console
 from raytrain.train import checkpoint
-from tests.conftest import one_error_line, run_module, save_checkpoint
+from tests.conftest import one_error_line, predict_here, run_module, save_checkpoint
 from tests.tabular import FEATURES, LABEL, make_table
 
 pytestmark = pytest.mark.ray
@@ -63,18 +60,6 @@ def run(train, data):
         "train.epochs=2",
         "scaling.workers=2",
     )
-
-
-def predict_here(*argv: str, cores: int = 2):
-    """``raytrain predict ARGV`` on the session's Ray: the command's checks, then its run."""
-    args = cli.build_parser().parse_args(["predict", *argv])
-    checked = predict.prepare(args)
-    cfg = predict.cluster_config(args, args.data, str(checked[2].parent))
-    out = io.StringIO()
-    manifest, metrics = predict.execute(
-        args, checked, cluster.plan_embedded(cfg, cores), Console(out)
-    )
-    return manifest, metrics, out.getvalue()
 
 
 def plain_forward(checkpoint_dir: str, table: pa.Table) -> np.ndarray:

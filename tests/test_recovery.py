@@ -132,72 +132,78 @@ def test_killed_worker_is_replaced_and_the_run_finishes_identically(train, unint
     assert recovered.results["segments"][0]["restarts"] == 1
 
 
+def starts_of(run_dir: Path) -> list[tuple[int, list[int]]]:
+    """Each session's start line: the epoch it started from and the rows it superseded."""
+    starts = [line["start"] for line in runs.read_lines(run_dir) if "start" in line]
+    return [(s["from_epoch"], s["supersedes"]) for s in starts]
+
+
 @pytest.mark.ray
-def test_interrupted_driver_resumes_to_the_same_weights(train, tmp_path):
-    proc = start_cli(*SLOWER, "--epochs", "6", "--storage-path", str(tmp_path), "--name", "r1")
-    wait_for_epochs(tmp_path / "r1", 2, proc)
-    wait_for_checkpoint(tmp_path / "r1", proc)
+@pytest.mark.slow
+def test_an_interrupted_then_killed_driver_resumes_to_the_same_weights(train, tmp_path):
+    """One run, stopped twice (the two scenarios share it: each session costs an embedded Ray):
+    Ctrl-C after a checkpoint (exit 130, the command that continues); resumed, then the driver
+    and its embedded Ray die with SIGKILL past a checkpoint; resumed again to the end. The file
+    says which rows each session superseded, every reader shows each epoch once, and the
+    weights are those of the same run never stopped."""
+    run_dir = tmp_path / "r1"
+    args = (*SLOWER, "--set", "train.checkpoint_every=2", "--epochs", "6")
+    proc = start_cli(*args, "--storage-path", str(tmp_path), "--name", "r1")
+    wait_for_epochs(run_dir, 2, proc)
+    wait_for_checkpoint(run_dir, proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "Traceback" not in out
     resume = f"python -m raytrain.main --resume r1 --storage-path {tmp_path}"
     assert resume in out, out
-    assert runs.latest_checkpoint(tmp_path / "r1") is not None
+    first = [row["epoch"] for row in runs.read_metrics(run_dir)]
+    stopped = checkpoint.load(runs.latest_checkpoint(run_dir))["epoch"]
+    redone = [epoch for epoch in first if epoch > stopped]
+
+    proc = start_cli("--resume", "r1", "--storage-path", str(tmp_path))
+    deadline = time.monotonic() + 300
+    # Until this session has written a row of its own (read_metrics leaves out the rows its
+    # start line superseded).
+    while len(starts_of(run_dir)) < 2 or len(runs.read_metrics(run_dir)) <= stopped:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    kill_tree(proc)
+    second = [row["epoch"] for row in runs.read_metrics(run_dir)]
+    assert runs.latest_checkpoint(run_dir).name in (
+        runs.checkpoint_name(stopped),
+        runs.checkpoint_name(stopped + 2),
+    )
+    done = checkpoint.load(runs.latest_checkpoint(run_dir))["epoch"]
+    again = [epoch for epoch in second if epoch > done]
+    assert again, "the kill came too late to leave epochs to train again"
 
     proc = start_cli("--resume", "r1", "--storage-path", str(tmp_path))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "(resumed)" in out and "epoch 6/6" in out
-    results = json.loads((tmp_path / "r1" / "results.json").read_text())
-    resumed = checkpoint.load(results["latest_checkpoint"])
-    assert resumed["epoch"] == 6
-
-    reference = train("data.samples=20000", "train.checkpoint_every=1", "train.epochs=6")
-    assert same_weights(resumed["model"], reference.state["model"])
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_killed_driver_resumes_and_each_epoch_is_shown_once(tmp_path):
-    """The driver and its embedded Ray die with SIGKILL after epoch 3 (checkpoint at epoch 2);
-    --resume trains epoch 3 again: the file says which rows the new session superseded, and
-    every reader shows each epoch once."""
-    args = (*SLOWER, "--set", "train.checkpoint_every=2", "--epochs", "5")
-    proc = start_cli(*args, "--storage-path", str(tmp_path), "--name", "k1")
-    wait_for_checkpoint(tmp_path / "k1", proc)
-    wait_for_epochs(tmp_path / "k1", 3, proc)
-    kill_tree(proc)
-    before = [row["epoch"] for row in runs.read_metrics(tmp_path / "k1")]
-    assert runs.latest_checkpoint(tmp_path / "k1").name in (
-        runs.checkpoint_name(2),
-        runs.checkpoint_name(4),
-    )
-    done = checkpoint.load(runs.latest_checkpoint(tmp_path / "k1"))["epoch"]
-    again = [epoch for epoch in before if epoch > done]
-    assert again, "the kill came too late to leave epochs to train again"
-
-    proc = start_cli("--resume", "k1", "--storage-path", str(tmp_path))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    run_dir = tmp_path / "k1"
-    starts = [line["start"] for line in runs.read_lines(run_dir) if "start" in line]
-    assert [(s["from_epoch"], s["supersedes"]) for s in starts] == [(0, []), (done, again)]
-    assert [row["epoch"] for row in runs.read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+    assert starts_of(run_dir) == [(0, []), (stopped, redone), (done, again)]
+    assert [row["epoch"] for row in runs.read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     shown = [line.split()[1] for line in out.splitlines() if line.startswith("epoch")]
-    assert shown == [f"{e}/5" for e in range(done + 1, 6)]
+    assert shown == [f"{e}/6" for e in range(done + 1, 7)]
     page = (run_dir / runs.REPORT_HTML).read_text()
     assert f"resumed from the checkpoint of epoch {done}" in page
     results = json.loads((run_dir / runs.RESULTS_FILE).read_text())
     assert [(s["from_epoch"], s["to_epoch"]) for s in results["segments"]] == [
-        (0, before[-1]),
-        (done, 5),
+        (0, first[-1]),
+        (stopped, second[-1]),
+        (done, 6),
     ]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / runs.TENSORBOARD_DIR))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+    resumed = checkpoint.load(results["latest_checkpoint"])
+    assert resumed["epoch"] == 6
+    reference = train("data.samples=20000", "train.checkpoint_every=2", "train.epochs=6")
+    assert same_weights(resumed["model"], reference.state["model"])
 
 
 @pytest.mark.ray

@@ -1,7 +1,8 @@
 """Runs on object storage: a real S3-compatible server (moto's server mode) on 127.0.0.1, started
 and stopped by process id, that checks credentials. A run keeps everything there (checkpoints,
 metrics.jsonl, TensorBoard, results.json, the report), reads its Parquet data from there, is
-interrupted and resumed, listed and reported; bad storage input is one line before Ray starts."""
+interrupted and resumed, listed and reported; a sweep keeps its trials there, interrupted and
+resumed; bad storage input is one line before Ray starts."""
 
 from __future__ import annotations
 
@@ -237,7 +238,11 @@ def test_predict_reads_a_checkpoint_and_data_on_object_storage_and_writes_there(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_sweep_keeps_its_trials_and_results_on_object_storage(s3, tmp_path):
+def test_a_sweep_on_object_storage_is_interrupted_resumed_and_keeps_everything_there(s3, tmp_path):
+    """Two trials one at a time; Ctrl-C once the first has finished (exit 130, the command that
+    continues); --resume runs only the trial that was left. Every trial is an ordinary run in
+    the bucket, with the sweep's files and Tune's state beside them. (One sweep for both
+    scenarios: each sweep costs an embedded Ray and a process per trial.)"""
     import yaml
 
     spec = tmp_path / "sweep.yaml"
@@ -249,7 +254,7 @@ def test_a_sweep_keeps_its_trials_and_results_on_object_storage(s3, tmp_path):
                 "scaling": {"workers": 1},  # a trial's cost is mostly its start
                 "sweep": {
                     "trials": 1,
-                    "concurrent": 2,
+                    "concurrent": 1,
                     "scheduler": "none",
                     "space": {"train.lr": {"grid": [0.05, 0.2]}},
                 },
@@ -257,15 +262,42 @@ def test_a_sweep_keeps_its_trials_and_results_on_object_storage(s3, tmp_path):
         )
     )
     storage = s3.uri(BUCKET, "sweeps")
-    proc = cli("tune", "--config", str(spec), "--storage-path", storage, "--name", "sw",
-               module="raytrain", timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = ["-m", "raytrain", "tune", "--config", str(spec), "--storage-path", storage]
+    proc = subprocess.Popen(
+        [sys.executable, *argv, "--name", "sw"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=_environment(None),
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not finished_trials(s3):  # one trial finished
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out, out
+    resume = [line for line in out.splitlines() if "raytrain tune --resume" in line]
+    assert resume and "sw" in resume[0], out
+    finished_before = finished_trials(s3)
+
+    again = cli("tune", "--resume", "sw", "--storage-path", storage, module="raytrain",
+                timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
     sweep_dir = Location.of(storage) / "sw"
     results = json.loads((sweep_dir / "sweep.json").read_text())
     trials = results["trials"]
     assert sorted(t["params"]["train.lr"] for t in trials) == [0.05, 0.2]
     assert all(t["status"] == "finished" and t["epochs"] == 2 for t in trials), trials
     assert all(t["run_dir"].startswith(f"s3://{BUCKET}/sweeps/sw/trial-") for t in trials)
+    for name in finished_before:  # a finished trial was not run again
+        rows = runs.read_metrics(str(sweep_dir / name))
+        assert [r["epoch"] for r in rows] == [1, 2]
     names = {key.removeprefix("sweeps/sw/") for key in s3.keys(BUCKET, "sweeps/sw/")}
     assert {"sweep.yaml", "sweep.json", "sweep.csv", "best.yaml", "sweep.png"} <= names, names
     for t in trials:  # each trial an ordinary run there, checkpoints and all
@@ -274,5 +306,11 @@ def test_a_sweep_keeps_its_trials_and_results_on_object_storage(s3, tmp_path):
     assert any(name.startswith("tune/") for name in names)  # Tune's state, for --resume
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert best["train"]["lr"] == results["best"]["params"]["train.lr"]
-    assert s3.secret_key not in proc.stdout + proc.stderr
+    assert s3.secret_key not in out + again.stdout + again.stderr
     assert not (ROOT / "s3:").exists(), "a local directory named after the URI was written"
+
+
+def finished_trials(s3: S3Server) -> set[str]:
+    """The sweep's trials that have written their results.json to the bucket."""
+    keys = s3.keys(BUCKET, "sweeps/sw/")
+    return {key.split("/")[2] for key in keys if key.endswith("/results.json") and "trial-" in key}

@@ -1,7 +1,7 @@
 """raytrain tune: sweeps on Ray Tune, each trial an ordinary raytrain run. A sweep of 6 trials x
 1 worker x 3 epochs on an embedded Ray with ASHA stopping trials and a trial that fails; its best
-config trained again to the same validation; a sweep interrupted and resumed; bad sweep files
-and a sweep larger than a cluster, one line each."""
+config trained again to the same validation; bad sweep files and a sweep larger than a cluster,
+one line each. A sweep interrupted and resumed: tests/test_storage.py, on object storage."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import os
 import pty
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -155,62 +154,6 @@ def test_the_best_config_trains_again_to_the_same_validation(swept, train):
     again = train(config_file=sweep_dir / "best.yaml").results["validation"]
     trial = json.loads((Path(best["run_dir"]) / "results.json").read_text())["validation"]
     assert again["loss"] == trial["loss"] and again["confusion"] == trial["confusion"]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_an_interrupted_sweep_resumes_and_runs_only_what_was_left(tmp_path):
-    spec = write_sweep(
-        tmp_path / "s.yaml",
-        trials=1,
-        concurrent=1,
-        scheduler="none",
-        space={"train.lr": {"grid": [0.02, 0.05]}},
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "raytrain",
-            "tune",
-            "--config",
-            str(spec),
-            "--storage-path",
-            str(tmp_path),
-            "--name",
-            "s2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    sweep_dir = tmp_path / "s2"
-    try:
-        deadline = time.monotonic() + 600
-        while not list(sweep_dir.glob("trial-*/results.json")):  # one trial finished
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out
-    assert "Traceback" not in out, out
-    resume = [line for line in out.splitlines() if "raytrain tune --resume" in line]
-    assert resume and "s2" in resume[0], out
-    finished_before = {p.parent.name for p in sweep_dir.glob("trial-*/results.json")}
-
-    again = tune_cli("--resume", "s2", "--storage-path", str(tmp_path))
-    assert again.returncode == 0, again.stdout + again.stderr
-    trials = json.loads((sweep_dir / "sweep.json").read_text())["trials"]
-    assert sorted(t["params"]["train.lr"] for t in trials) == [0.02, 0.05]
-    assert all(t["status"] == "finished" for t in trials), trials
-    for name in finished_before:  # a finished trial was not run again
-        rows = runs.read_metrics(sweep_dir / name)
-        assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
 BAD = {
